@@ -1,0 +1,40 @@
+//! provline: a factory provisioning station for AWS IoT Core.
+//!
+//! A device passes through these stages, each a module:
+//!
+//! ```text
+//!  job CSV rows ──> job ──> keygen (station key) ──┐
+//!                     └───> csr (device's CSR) ────┴─> ca (sign) ──> output (bundle, manifest)
+//! ```
+//!
+//! - [`job`]: the job CSV, row by row, each row checked and numbered;
+//! - [`keygen`]: device key pairs made by the station;
+//! - [`csr`]: CSRs made by devices, verified and checked against the allowlist;
+//! - [`ca`]: the local CA, its signer, the certificate profile, issuance;
+//! - [`cloud`]: what AWS IoT Core needs from the station (JITP template checks);
+//! - [`output`]: device bundles and the manifest, written atomically;
+//! - [`pipeline`]: a batch job from rows to bundles on every core;
+//! - [`bench`]: throughput of each stage against the raw crypto it rests on.
+//!
+//! Edges are traits: the CA [`ca::signer::Signer`] and the [`clock::Clock`].
+#![forbid(unsafe_code, unused_must_use)]
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod ca;
+pub mod clock;
+pub mod cloud;
+pub mod csr;
+pub mod fsx;
+pub mod job;
+pub mod keygen;
+pub mod output;
+pub mod pipeline;
+
+/// PEM with LF line endings and 64-column base64, as openssl writes it.
+pub fn pem_encode(tag: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(tag, der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
