@@ -44,22 +44,33 @@ fn signing(c: &mut Criterion) {
         let device = keygen::generate(key, &rng).unwrap();
         let csr = csr_pem(key, &rng);
 
-        group.bench_function(BenchmarkId::new("keygen", key), |b| b.iter(|| keygen::generate(key, &rng).unwrap()));
-        group.bench_function(BenchmarkId::new("csr_verify", key), |b| b.iter(|| csr::check(&csr).unwrap()));
+        group.bench_function(BenchmarkId::new("keygen", key), |b| {
+            b.iter(|| keygen::generate(key, &rng).unwrap())
+        });
+        group.bench_function(BenchmarkId::new("csr_verify", key), |b| {
+            b.iter(|| csr::check(&csr).unwrap())
+        });
         group.bench_function(BenchmarkId::new("cert_sign", key), |b| {
-            b.iter(|| ca.issue_device(&profile, "sensor_1", "SN-1", device.public_key(), now).unwrap())
+            b.iter(|| {
+                ca.issue_device(&profile, "sensor_1", "SN-1", device.public_key(), now)
+                    .unwrap()
+            })
         });
         group.bench_function(BenchmarkId::new("issue_station_key", key), |b| {
             b.iter(|| {
                 let k = keygen::generate(key, &rng).unwrap();
-                let cert = ca.issue_device(&profile, "sensor_1", "SN-1", k.public_key(), now).unwrap();
+                let cert = ca
+                    .issue_device(&profile, "sensor_1", "SN-1", k.public_key(), now)
+                    .unwrap();
                 (cert.pem(), k.pkcs8_pem(), cert.certificate_id())
             })
         });
         group.bench_function(BenchmarkId::new("issue_outside_csr", key), |b| {
             b.iter(|| {
                 let checked = csr::check(&csr).unwrap();
-                let cert = ca.issue_device(&profile, "sensor_1", "SN-1", &checked.public_key, now).unwrap();
+                let cert = ca
+                    .issue_device(&profile, "sensor_1", "SN-1", &checked.public_key, now)
+                    .unwrap();
                 (cert.pem(), cert.certificate_id())
             })
         });

@@ -25,7 +25,11 @@ const DEV_CA_DIR: &str = "provline-dev-ca";
 const DEV_CA_SUBJECT: &str = "/CN=provline DEVELOPMENT CA - not for production";
 
 #[derive(Parser, Debug)]
-#[command(name = "provline", version, about = "Factory provisioning station for AWS IoT Core")]
+#[command(
+    name = "provline",
+    version,
+    about = "Factory provisioning station for AWS IoT Core"
+)]
 struct Cli {
     /// Print nothing but errors.
     #[arg(short, long, global = true)]
@@ -150,14 +154,19 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PROVLINE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if cli.quiet { "error" } else { "warn" })),
+            tracing_subscriber::EnvFilter::try_from_env("PROVLINE_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(if cli.quiet { "error" } else { "warn" })
+            }),
         )
         .init();
     match run(&cli) {
@@ -172,19 +181,46 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<ExitCode> {
     let clock = SystemClock;
     match &cli.command {
-        Command::Ca(CaCommand::Init { dir, key, subject, days }) => {
+        Command::Ca(CaCommand::Init {
+            dir,
+            key,
+            subject,
+            days,
+        }) => {
             let subject = dn::parse_subject(subject).context("--subject")?;
-            let ca = LocalCa::init(dir, &CaInit { key: *key, subject, days: *days }, clock.now())?;
+            let ca = LocalCa::init(
+                dir,
+                &CaInit {
+                    key: *key,
+                    subject,
+                    days: *days,
+                },
+                clock.now(),
+            )?;
             if !cli.quiet {
-                println!("CA created: {} (key {}, valid until {})", dir.display(), key, ca.not_after());
+                println!(
+                    "CA created: {} (key {}, valid until {})",
+                    dir.display(),
+                    key,
+                    ca.not_after()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ca(CaCommand::VerificationCert { ca, registration_code, out }) => {
+        Command::Ca(CaCommand::VerificationCert {
+            ca,
+            registration_code,
+            out,
+        }) => {
             let ca = LocalCa::load(ca, clock.now())?;
             let cert = ca.verification_cert(registration_code, clock.now())?;
-            fsx::write_atomic(out, cert.pem().as_bytes(), fsx::PUBLIC, fsx::Durability::Sync)
-                .with_context(|| format!("{}", out.display()))?;
+            fsx::write_atomic(
+                out,
+                cert.pem().as_bytes(),
+                fsx::PUBLIC,
+                fsx::Durability::Sync,
+            )
+            .with_context(|| format!("{}", out.display()))?;
             if !cli.quiet {
                 println!("verification certificate written: {}", out.display());
             }
@@ -193,7 +229,13 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Batch(args) => batch(cli, args, &clock),
         Command::Bench(args) => {
             let config = BenchConfig {
-                count: args.count.unwrap_or(if matches!(args.key, KeyType::Rsa2048 | KeyType::Rsa3072) { 20 } else { 2000 }),
+                count: args.count.unwrap_or(
+                    if matches!(args.key, KeyType::Rsa2048 | KeyType::Rsa3072) {
+                        20
+                    } else {
+                        2000
+                    },
+                ),
                 key: args.key,
                 ca_key: args.ca_key,
                 threads: args.threads.unwrap_or_else(cores),
@@ -203,11 +245,20 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&results)?);
             } else {
-                println!("{:<12} {:>8} {:>8} {:>8} {:>14} {:>14} {:>10}", "mode", "key", "ca", "threads", "certs/s", "raw ceiling/s", "of ceiling");
+                println!(
+                    "{:<12} {:>8} {:>8} {:>8} {:>14} {:>14} {:>10}",
+                    "mode", "key", "ca", "threads", "certs/s", "raw ceiling/s", "of ceiling"
+                );
                 for r in &results {
                     println!(
                         "{:<12} {:>8} {:>8} {:>8} {:>14.0} {:>14.0} {:>9.1}%",
-                        r.mode, r.key, r.ca_key, r.threads, r.certs_per_sec, r.raw_ceiling_per_sec, r.efficiency * 100.0
+                        r.mode,
+                        r.key,
+                        r.ca_key,
+                        r.threads,
+                        r.certs_per_sec,
+                        r.raw_ceiling_per_sec,
+                        r.efficiency * 100.0
                     );
                 }
             }
@@ -236,7 +287,10 @@ fn batch(cli: &Cli, args: &BatchArgs, clock: &dyn Clock) -> Result<ExitCode> {
         None => dev_ca(Path::new(DEV_CA_DIR), clock, cli.quiet)?,
     };
     let config = BatchConfig {
-        out: args.out.clone().unwrap_or_else(|| pipeline::default_out(&args.job)),
+        out: args
+            .out
+            .clone()
+            .unwrap_or_else(|| pipeline::default_out(&args.job)),
         job: args.job.clone(),
         threads: args.threads.unwrap_or_else(cores),
         job_config: JobConfig {
@@ -272,7 +326,11 @@ fn batch(cli: &Cli, args: &BatchArgs, clock: &dyn Clock) -> Result<ExitCode> {
             config.out.join(provline::output::MANIFEST_FILE).display()
         );
     }
-    Ok(if summary.failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if summary.failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn display_serial(serial: &str) -> &str {
@@ -289,7 +347,15 @@ fn dev_ca(dir: &Path, clock: &dyn Clock, quiet: bool) -> Result<LocalCa> {
         return Ok(LocalCa::load(dir, clock.now())?);
     }
     let subject = dn::parse_subject(DEV_CA_SUBJECT).map_err(|e| Usage(e.to_string()))?;
-    let ca = LocalCa::init(dir, &CaInit { key: KeyType::P256, subject, days: 3650 }, clock.now())?;
+    let ca = LocalCa::init(
+        dir,
+        &CaInit {
+            key: KeyType::P256,
+            subject,
+            days: 3650,
+        },
+        clock.now(),
+    )?;
     if !quiet {
         let tty = std::io::stderr().is_terminal();
         eprintln!(

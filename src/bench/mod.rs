@@ -75,7 +75,8 @@ impl RawSigner {
             RawSigner::Ecdsa(k) => k.sign(rng, msg).map(|s| s.as_ref().len()).unwrap_or(0),
             RawSigner::Rsa(k) => {
                 let mut sig = vec![0; k.public().modulus_len()];
-                k.sign(&signature::RSA_PKCS1_SHA256, rng, msg, &mut sig).map_or(0, |()| sig.len())
+                k.sign(&signature::RSA_PKCS1_SHA256, rng, msg, &mut sig)
+                    .map_or(0, |()| sig.len())
             }
         }
     }
@@ -93,23 +94,47 @@ pub fn run(config: &BenchConfig) -> Result<Vec<BenchResult>, BenchError> {
     let err = |e: &dyn std::fmt::Display| BenchError(e.to_string());
     let clock = SystemClock;
     let rng = SystemRandom::new();
-    let (ca_pem, ca_key) = LocalCa::generate(&CaInit::new(config.ca_key, "provline bench CA"), clock.now()).map_err(|e| err(&e))?;
-    let signer = crate::ca::signer::FileSigner::from_pkcs8(ca_key.pkcs8_der()).map_err(|e| err(&e))?;
-    let ca = LocalCa::from_parts(ca_pem.as_bytes(), std::sync::Arc::new(signer), clock.now()).map_err(|e| err(&e))?;
+    let (ca_pem, ca_key) = LocalCa::generate(
+        &CaInit::new(config.ca_key, "provline bench CA"),
+        clock.now(),
+    )
+    .map_err(|e| err(&e))?;
+    let signer =
+        crate::ca::signer::FileSigner::from_pkcs8(ca_key.pkcs8_der()).map_err(|e| err(&e))?;
+    let ca = LocalCa::from_parts(ca_pem.as_bytes(), std::sync::Arc::new(signer), clock.now())
+        .map_err(|e| err(&e))?;
     let raw_signer = match config.ca_key.alg() {
         KeyAlg::P256 => RawSigner::Ecdsa(
-            EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, ca_key.pkcs8_der(), &rng).map_err(|e| err(&e))?,
+            EcdsaKeyPair::from_pkcs8(
+                &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+                ca_key.pkcs8_der(),
+                &rng,
+            )
+            .map_err(|e| err(&e))?,
         ),
         KeyAlg::P384 => RawSigner::Ecdsa(
-            EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P384_SHA384_ASN1_SIGNING, ca_key.pkcs8_der(), &rng).map_err(|e| err(&e))?,
+            EcdsaKeyPair::from_pkcs8(
+                &signature::ECDSA_P384_SHA384_ASN1_SIGNING,
+                ca_key.pkcs8_der(),
+                &rng,
+            )
+            .map_err(|e| err(&e))?,
         ),
-        KeyAlg::Rsa { .. } => RawSigner::Rsa(RsaKeyPair::from_pkcs8(ca_key.pkcs8_der()).map_err(|e| err(&e))?),
+        KeyAlg::Rsa { .. } => {
+            RawSigner::Rsa(RsaKeyPair::from_pkcs8(ca_key.pkcs8_der()).map_err(|e| err(&e))?)
+        }
     };
     let profile = DeviceProfile::default();
     // A real TBSCertificate, so the raw signature hashes as much as the real one.
     let sample = keygen::generate(config.key, &rng).map_err(|e| err(&e))?;
     let sample_cert = ca
-        .issue_device(&profile, "sensor_bench", "BENCH-1", sample.public_key(), clock.now())
+        .issue_device(
+            &profile,
+            "sensor_bench",
+            "BENCH-1",
+            sample.public_key(),
+            clock.now(),
+        )
         .map_err(|e| err(&e))?;
     let tbs_len = sample_cert.der.len().saturating_sub(80);
     let tbs = &sample_cert.der[..tbs_len];
@@ -139,37 +164,67 @@ pub fn run(config: &BenchConfig) -> Result<Vec<BenchResult>, BenchError> {
     }
 
     let station = |i: usize, rng: &SystemRandom| -> usize {
-        let Ok(key) = keygen::generate(config.key, rng) else { return 0 };
-        let Ok(cert) = ca.issue_device(&profile, "sensor_bench", &format!("SN-{i}"), key.public_key(), clock.now()) else {
+        let Ok(key) = keygen::generate(config.key, rng) else {
+            return 0;
+        };
+        let Ok(cert) = ca.issue_device(
+            &profile,
+            "sensor_bench",
+            &format!("SN-{i}"),
+            key.public_key(),
+            clock.now(),
+        ) else {
             return 0;
         };
         cert.pem().len() + key.pkcs8_pem().len() + cert.certificate_id().len()
     };
     let station_raw = |_: usize, rng: &SystemRandom| -> usize {
         let doc_len = match config.key {
-            KeyType::P256 => EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, rng).map_or(0, |d| d.as_ref().len()),
-            KeyType::P384 => EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P384_SHA384_ASN1_SIGNING, rng).map_or(0, |d| d.as_ref().len()),
+            KeyType::P256 => {
+                EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, rng)
+                    .map_or(0, |d| d.as_ref().len())
+            }
+            KeyType::P384 => {
+                EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P384_SHA384_ASN1_SIGNING, rng)
+                    .map_or(0, |d| d.as_ref().len())
+            }
             // ring has no RSA key generation: the same library the station uses stands in.
-            KeyType::Rsa2048 | KeyType::Rsa3072 => keygen::generate(config.key, rng).map_or(0, |k| k.pkcs8_der().len()),
+            KeyType::Rsa2048 | KeyType::Rsa3072 => {
+                keygen::generate(config.key, rng).map_or(0, |k| k.pkcs8_der().len())
+            }
         };
         doc_len + raw_signer.sign(rng, tbs)
     };
     let outside = |i: usize, _: &SystemRandom| -> usize {
-        let Ok(checked) = csr::check(&csr_pems[i % csr_pems.len()]) else { return 0 };
-        let Ok(cert) = ca.issue_device(&profile, "sensor_bench", &format!("SN-{i}"), &checked.public_key, clock.now()) else {
+        let Ok(checked) = csr::check(&csr_pems[i % csr_pems.len()]) else {
+            return 0;
+        };
+        let Ok(cert) = ca.issue_device(
+            &profile,
+            "sensor_bench",
+            &format!("SN-{i}"),
+            &checked.public_key,
+            clock.now(),
+        ) else {
             return 0;
         };
         cert.pem().len() + cert.certificate_id().len()
     };
     let outside_raw = |i: usize, rng: &SystemRandom| -> usize {
         let c = &raw_csrs[i % raw_csrs.len()];
-        let ok = UnparsedPublicKey::new(c.alg, &c.key).verify(&c.tbs, &c.sig).is_ok();
+        let ok = UnparsedPublicKey::new(c.alg, &c.key)
+            .verify(&c.tbs, &c.sig)
+            .is_ok();
         usize::from(ok) + raw_signer.sign(rng, tbs)
     };
 
     let mut results = Vec::new();
     for (mode, work, raw) in [
-        ("station-key", &station as &(dyn Fn(usize, &SystemRandom) -> usize + Sync), &station_raw as &(dyn Fn(usize, &SystemRandom) -> usize + Sync)),
+        (
+            "station-key",
+            &station as &(dyn Fn(usize, &SystemRandom) -> usize + Sync),
+            &station_raw as &(dyn Fn(usize, &SystemRandom) -> usize + Sync),
+        ),
         ("outside-csr", &outside, &outside_raw),
     ] {
         let mut ours = Vec::new();
@@ -195,7 +250,10 @@ pub fn run(config: &BenchConfig) -> Result<Vec<BenchResult>, BenchError> {
 }
 
 /// Items per second of `work` over `config.count` items on `config.threads` threads.
-fn rate(config: &BenchConfig, work: &(dyn Fn(usize, &SystemRandom) -> usize + Sync)) -> Result<f64, BenchError> {
+fn rate(
+    config: &BenchConfig,
+    work: &(dyn Fn(usize, &SystemRandom) -> usize + Sync),
+) -> Result<f64, BenchError> {
     let threads = config.threads.max(1);
     let count = config.count.max(threads);
     let barrier = Barrier::new(threads + 1);
@@ -207,7 +265,11 @@ fn rate(config: &BenchConfig, work: &(dyn Fn(usize, &SystemRandom) -> usize + Sy
                 scope.spawn(move || {
                     let rng = SystemRandom::new();
                     barrier.wait();
-                    (t..count).step_by(threads).map(|i| work(i, &rng)).filter(|&n| n > 0).count()
+                    (t..count)
+                        .step_by(threads)
+                        .map(|i| work(i, &rng))
+                        .filter(|&n| n > 0)
+                        .count()
                 })
             })
             .collect();
@@ -219,7 +281,10 @@ fn rate(config: &BenchConfig, work: &(dyn Fn(usize, &SystemRandom) -> usize + Sy
         start.elapsed()
     });
     if produced != count {
-        return Err(BenchError(format!("{} of {count} items failed", count - produced)));
+        return Err(BenchError(format!(
+            "{} of {count} items failed",
+            count - produced
+        )));
     }
     Ok(count as f64 / elapsed.as_secs_f64())
 }
@@ -246,7 +311,10 @@ mod tests {
         let modes: Vec<_> = results.iter().map(|r| r.mode).collect();
         assert_eq!(modes, ["station-key", "outside-csr"]);
         for r in results {
-            assert!(r.certs_per_sec > 0.0 && r.raw_ceiling_per_sec > 0.0, "{r:?}");
+            assert!(
+                r.certs_per_sec > 0.0 && r.raw_ceiling_per_sec > 0.0,
+                "{r:?}"
+            );
         }
     }
 }

@@ -152,7 +152,10 @@ impl CaInit {
     /// A CA with the given key and common name, valid ten years.
     pub fn new(key: KeyType, common_name: &str) -> Self {
         let mut subject = DistinguishedName::new();
-        subject.push(rcgen::DnType::CommonName, rcgen::DnValue::Utf8String(common_name.to_string()));
+        subject.push(
+            rcgen::DnType::CommonName,
+            rcgen::DnValue::Utf8String(common_name.to_string()),
+        );
         CaInit {
             key,
             subject,
@@ -314,7 +317,10 @@ impl LocalCa {
     }
 
     /// Makes a new self-signed CA in memory: its certificate (PEM) and key.
-    pub fn generate(params: &CaInit, now: OffsetDateTime) -> Result<(String, keygen::DeviceKey), CaError> {
+    pub fn generate(
+        params: &CaInit,
+        now: OffsetDateTime,
+    ) -> Result<(String, keygen::DeviceKey), CaError> {
         if params.days == 0 {
             return Err(CaError::Params("validity must be at least one day".into()));
         }
@@ -362,12 +368,16 @@ impl LocalCa {
             source,
         })?;
         let write = |path: &Path, bytes: &[u8], mode| {
-            fsx::write_new(path, bytes, mode, Durability::Sync).map_err(|source| match source.kind() {
-                std::io::ErrorKind::AlreadyExists => CaError::Exists { path: path.to_path_buf() },
-                _ => CaError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                },
+            fsx::write_new(path, bytes, mode, Durability::Sync).map_err(|source| {
+                match source.kind() {
+                    std::io::ErrorKind::AlreadyExists => CaError::Exists {
+                        path: path.to_path_buf(),
+                    },
+                    _ => CaError::Io {
+                        path: path.to_path_buf(),
+                        source,
+                    },
+                }
             })
         };
         write(&key_path, key.pkcs8_pem().as_bytes(), fsx::SECRET)?;

@@ -110,10 +110,14 @@ impl JitpTemplate {
             reason: format!("{what}line {}, column {}: {e}", e.line(), e.column()),
         };
         let outer: Value = serde_json::from_str(text).map_err(|e| json_err(e, ""))?;
-        let role_arn = outer.get("roleArn").and_then(Value::as_str).map(str::to_string);
+        let role_arn = outer
+            .get("roleArn")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let (body, text_body) = match outer.get("templateBody") {
             Some(Value::String(s)) => (
-                serde_json::from_str::<Value>(s).map_err(|e| json_err(e, "templateBody string, "))?,
+                serde_json::from_str::<Value>(s)
+                    .map_err(|e| json_err(e, "templateBody string, "))?,
                 s.clone(),
             ),
             Some(obj @ Value::Object(_)) => (obj.clone(), obj.to_string()),
@@ -163,7 +167,12 @@ impl JitpTemplate {
 
     /// Refuses a profile that leaves a referenced field empty.
     pub fn check(&self, profile: &DeviceProfile) -> Result<(), TemplateError> {
-        let missing: Vec<CertField> = self.fields.iter().copied().filter(|f| !profile.fills(*f)).collect();
+        let missing: Vec<CertField> = self
+            .fields
+            .iter()
+            .copied()
+            .filter(|f| !profile.fills(*f))
+            .collect();
         if missing.is_empty() {
             Ok(())
         } else {
@@ -218,11 +227,15 @@ fn referenced_fields(path: &Path, body: &Value) -> Result<BTreeSet<CertField>, T
                     })
                 }
             }
-        } else if !defaults.contains(&name) && !resources.contains(&name) && !name.starts_with("AWS::") {
+        } else if !defaults.contains(&name)
+            && !resources.contains(&name)
+            && !name.starts_with("AWS::")
+        {
             return Err(TemplateError::Parameter {
                 path: path.to_path_buf(),
                 name,
-                reason: "has no Default, and JITP supplies only AWS::IoT::Certificate::* values".into(),
+                reason: "has no Default, and JITP supplies only AWS::IoT::Certificate::* values"
+                    .into(),
             });
         }
     }
@@ -240,7 +253,9 @@ fn collect_refs(value: &Value, out: &mut BTreeSet<String>) {
                     ("Fn::Sub", Value::String(s)) => {
                         let mut rest = s.as_str();
                         while let Some(start) = rest.find("${") {
-                            let Some(end) = rest[start..].find('}') else { break };
+                            let Some(end) = rest[start..].find('}') else {
+                                break;
+                            };
                             out.insert(rest[start + 2..start + end].to_string());
                             rest = &rest[start + end + 1..];
                         }
@@ -270,11 +285,19 @@ mod tests {
                 "AttributePayload":{"o":{"Fn::Sub":"${AWS::IoT::Certificate::Organization}-x"}}}}}}"#,
         )
         .unwrap();
-        let want: BTreeSet<_> = [CertField::CommonName, CertField::Country, CertField::Organization].into();
+        let want: BTreeSet<_> = [
+            CertField::CommonName,
+            CertField::Country,
+            CertField::Organization,
+        ]
+        .into();
         assert_eq!(t.fields(), &want);
         let mut profile = DeviceProfile::default();
         let err = t.check(&profile).unwrap_err().to_string();
-        assert!(err.contains("Country") && err.contains("--subject-c") && err.contains("--subject-o"), "{err}");
+        assert!(
+            err.contains("Country") && err.contains("--subject-c") && err.contains("--subject-o"),
+            "{err}"
+        );
         profile.country = Some("DE".into());
         profile.organization = Some("Acme".into());
         t.check(&profile).unwrap();
@@ -293,7 +316,9 @@ mod tests {
         assert!(matches!(unknown, Err(TemplateError::Parameter { .. })));
         let free = template(r#"{"Parameters":{"Location":{"Type":"String"}},"Resources":{}}"#);
         assert!(matches!(free, Err(TemplateError::Parameter { .. })));
-        let with_default = template(r#"{"Parameters":{"Location":{"Type":"String","Default":"x"}},"Resources":{}}"#);
+        let with_default = template(
+            r#"{"Parameters":{"Location":{"Type":"String","Default":"x"}},"Resources":{}}"#,
+        );
         assert!(with_default.is_ok());
         assert!(matches!(template("{"), Err(TemplateError::Json { .. })));
         assert!(matches!(template("{}"), Err(TemplateError::Shape { .. })));

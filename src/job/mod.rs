@@ -121,7 +121,9 @@ pub struct JobReader {
 
 impl std::fmt::Debug for JobReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JobReader").field("path", &self.path).finish()
+        f.debug_struct("JobReader")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -132,7 +134,10 @@ impl JobReader {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut reader = csv::ReaderBuilder::new().flexible(true).trim(csv::Trim::All).from_reader(file);
+        let mut reader = csv::ReaderBuilder::new()
+            .flexible(true)
+            .trim(csv::Trim::All)
+            .from_reader(file);
         let header_err = |reason: String| JobError::Header {
             path: path.to_path_buf(),
             reason,
@@ -144,7 +149,10 @@ impl JobReader {
             .map(|h| h.trim_start_matches('\u{feff}').to_ascii_lowercase())
             .collect();
         if !header.iter().any(|h| h == "serial") {
-            return Err(header_err(format!("no \"serial\" column (header: {})", header.join(","))));
+            return Err(header_err(format!(
+                "no \"serial\" column (header: {})",
+                header.join(",")
+            )));
         }
         for (i, h) in header.iter().enumerate() {
             if h.is_empty() {
@@ -194,7 +202,14 @@ impl JobReader {
             Err(fail)
         };
         if record.len() != self.header.len() {
-            return refuse(fail, format!("{} fields, the header has {}", record.len(), self.header.len()));
+            return refuse(
+                fail,
+                format!(
+                    "{} fields, the header has {}",
+                    record.len(),
+                    self.header.len()
+                ),
+            );
         }
         if let Err(problem) = check_serial(&serial) {
             return refuse(fail, problem);
@@ -214,13 +229,24 @@ impl JobReader {
                 Err(e) => return refuse(fail, e.to_string()),
             },
             ("", csr) => KeySource::Csr(self.base_dir.join(csr)),
-            (_, _) => return refuse(fail, "both key and csr given: a CSR carries the device's own key".into()),
+            (_, _) => {
+                return refuse(
+                    fail,
+                    "both key and csr given: a CSR carries the device's own key".into(),
+                )
+            }
         };
         if let Some(first) = self.seen_serials.get(&serial) {
-            return refuse(fail, format!("duplicate serial {serial} (first on line {first})"));
+            return refuse(
+                fail,
+                format!("duplicate serial {serial} (first on line {first})"),
+            );
         }
         if let Some(first) = self.seen_names.get(&thing_name) {
-            return refuse(fail, format!("duplicate thing name {thing_name} (first on line {first})"));
+            return refuse(
+                fail,
+                format!("duplicate thing name {thing_name} (first on line {first})"),
+            );
         }
         self.seen_serials.insert(serial.clone(), line);
         self.seen_names.insert(thing_name.clone(), line);
@@ -297,11 +323,19 @@ pub fn check_thing_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("empty thing name".into());
     }
-    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-'))) {
-        return Err(format!("thing name {name:?} has {bad:?}; AWS IoT allows only a-z A-Z 0-9 : _ -"));
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-')))
+    {
+        return Err(format!(
+            "thing name {name:?} has {bad:?}; AWS IoT allows only a-z A-Z 0-9 : _ -"
+        ));
     }
     if name.len() > 128 {
-        return Err(format!("thing name is {} characters; AWS IoT allows at most 128", name.len()));
+        return Err(format!(
+            "thing name is {} characters; AWS IoT allows at most 128",
+            name.len()
+        ));
     }
     if name.len() > 64 {
         return Err(format!(
@@ -319,7 +353,9 @@ fn check_pattern(pattern: &str, header: &[String]) -> Result<(), JobError> {
     };
     let mut rest = pattern;
     while let Some(start) = rest.find('{') {
-        let end = rest[start..].find('}').ok_or_else(|| err("unclosed {".into()))?;
+        let end = rest[start..]
+            .find('}')
+            .ok_or_else(|| err("unclosed {".into()))?;
         let column = &rest[start + 1..start + end];
         if !header.iter().any(|h| h == column) {
             return Err(err(format!("the job has no column {column:?}")));
@@ -334,7 +370,9 @@ fn expand<'a>(pattern: &str, column: impl Fn(&str) -> &'a str) -> String {
     let mut rest = pattern;
     while let Some(start) = rest.find('{') {
         out.push_str(&rest[..start]);
-        let Some(end) = rest[start..].find('}') else { break };
+        let Some(end) = rest[start..].find('}') else {
+            break;
+        };
         out.push_str(column(&rest[start + 1..start + end]));
         rest = &rest[start + end + 1..];
     }
@@ -350,18 +388,28 @@ mod tests {
     fn job(text: &str) -> (tempfile::TempDir, Vec<Result<DeviceRequest, RowError>>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("job.csv");
-        std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
-        let rows = JobReader::open(&path, JobConfig::default()).unwrap().collect();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let rows = JobReader::open(&path, JobConfig::default())
+            .unwrap()
+            .collect();
         (dir, rows)
     }
 
     #[test]
     fn rows_get_defaults_attributes_and_line_numbers() {
-        let (dir, rows) = job("serial,thing_name,groups,location,csr\nA1,,g1; g2,hall,\nA2,dev-2,,,csrs/a2.csr\n");
+        let (dir, rows) = job(
+            "serial,thing_name,groups,location,csr\nA1,,g1; g2,hall,\nA2,dev-2,,,csrs/a2.csr\n",
+        );
         let a1 = rows[0].as_ref().unwrap();
         assert_eq!((a1.line, a1.thing_name.as_str()), (2, "sensor_A1"));
         assert_eq!(a1.groups, ["g1", "g2"]);
-        assert_eq!(a1.attributes.get("location").map(String::as_str), Some("hall"));
+        assert_eq!(
+            a1.attributes.get("location").map(String::as_str),
+            Some("hall")
+        );
         let a2 = rows[1].as_ref().unwrap();
         assert_eq!(a2.key, KeySource::Csr(dir.path().join("csrs/a2.csr")));
     }
@@ -369,7 +417,11 @@ mod tests {
     #[test]
     fn bad_rows_name_their_line_and_do_not_stop_the_rest() {
         let (_dir, rows) = job("serial,thing_name,key\nA,,\nA,,\n,x,\nB,bad name,\nC,,dsa\nD,,\n");
-        let errors: Vec<String> = rows.iter().filter_map(|r| r.as_ref().err()).map(ToString::to_string).collect();
+        let errors: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(errors.len(), 4, "{errors:?}");
         assert!(errors[0].starts_with("line 3: duplicate serial A (first on line 2)"));
         assert!(errors[1].starts_with("line 4: empty serial"));
@@ -381,8 +433,12 @@ mod tests {
     #[test]
     fn thing_names_follow_aws_and_cn_rules() {
         assert!(check_thing_name("sensor_01:a-b").is_ok());
-        assert!(check_thing_name(&"a".repeat(65)).unwrap_err().contains("64"));
-        assert!(check_thing_name(&"a".repeat(129)).unwrap_err().contains("128"));
+        assert!(check_thing_name(&"a".repeat(65))
+            .unwrap_err()
+            .contains("64"));
+        assert!(check_thing_name(&"a".repeat(129))
+            .unwrap_err()
+            .contains("128"));
         assert!(check_serial("SN 1/2").is_ok());
         assert!(check_serial("SN_1").is_err());
     }
@@ -396,6 +452,9 @@ mod tests {
             thing_name_pattern: "x_{nope}".into(),
             ..JobConfig::default()
         };
-        assert!(matches!(JobReader::open(&path, config), Err(JobError::Pattern { .. })));
+        assert!(matches!(
+            JobReader::open(&path, config),
+            Err(JobError::Pattern { .. })
+        ));
     }
 }

@@ -76,6 +76,8 @@ pub struct Bundle<'a> {
 #[derive(Debug, Clone)]
 pub struct BundleWriter {
     out: PathBuf,
+    /// One copy of Amazon Root CA 1 that every device folder links to.
+    root: PathBuf,
 }
 
 impl BundleWriter {
@@ -85,7 +87,18 @@ impl BundleWriter {
         let probe = out.join(format!(".provline-probe-{}", std::process::id()));
         fs::write(&probe, b"").map_err(io_err(out))?;
         fs::remove_file(&probe).map_err(io_err(&probe))?;
-        Ok(BundleWriter { out: out.to_path_buf() })
+        let root = out.join(format!(".{ROOT_FILE}"));
+        fsx::write_atomic(
+            &root,
+            AMAZON_ROOT_CA1.as_bytes(),
+            fsx::PUBLIC,
+            Durability::Rename,
+        )
+        .map_err(io_err(&root))?;
+        Ok(BundleWriter {
+            out: out.to_path_buf(),
+            root,
+        })
     }
 
     /// The output folder.
@@ -113,7 +126,8 @@ impl BundleWriter {
         }
         let write = |name: &str, text: &str, mode| {
             let path = dir.join(name);
-            fsx::write_atomic(&path, text.as_bytes(), mode, Durability::Rename).map_err(io_err(&path))
+            fsx::write_atomic(&path, text.as_bytes(), mode, Durability::Rename)
+                .map_err(io_err(&path))
         };
         if let Some(key) = bundle.private_key_pem {
             write(KEY_FILE, key, fsx::SECRET)?;
@@ -122,7 +136,14 @@ impl BundleWriter {
         chain.push_str(bundle.cert_pem);
         chain.push_str(bundle.ca_pem);
         write(CHAIN_FILE, &chain, fsx::PUBLIC)?;
-        write(ROOT_FILE, AMAZON_ROOT_CA1, fsx::PUBLIC)?;
+        // The root is the same public file for every device: a hard link
+        // costs one system call where a copy costs four.
+        let root = dir.join(ROOT_FILE);
+        match fs::hard_link(&self.root, &root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(_) => write(ROOT_FILE, AMAZON_ROOT_CA1, fsx::PUBLIC)?,
+        }
         // cert.pem last: its presence means the folder is complete.
         write(CERT_FILE, bundle.cert_pem, fsx::PUBLIC)?;
         Ok(dir)
@@ -167,7 +188,9 @@ pub struct ManifestWriter {
 
 impl std::fmt::Debug for ManifestWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ManifestWriter").field("path", &self.path).finish()
+        f.debug_struct("ManifestWriter")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -215,7 +238,10 @@ mod tests {
         let der = pem::parse(AMAZON_ROOT_CA1).unwrap().into_contents();
         let digest = ring::digest::digest(&ring::digest::SHA256, &der);
         let hex = crate::ca::serial::hex(digest.as_ref()).to_uppercase();
-        assert_eq!(hex, "8ECDE6884F3D87B1125BA31AC3FCB13D7016DE7F57CC904FE1CB97C6AE98196E");
+        assert_eq!(
+            hex,
+            "8ECDE6884F3D87B1125BA31AC3FCB13D7016DE7F57CC904FE1CB97C6AE98196E"
+        );
     }
 
     #[test]
@@ -229,7 +255,13 @@ mod tests {
             private_key_pem: Some("K"),
         };
         writer.write(&bundle).unwrap();
-        assert_eq!(fs::read_to_string(dir.path().join("t1/chain.pem")).unwrap(), "CA");
-        assert!(matches!(writer.write(&bundle), Err(OutputError::AlreadyIssued { .. })));
+        assert_eq!(
+            fs::read_to_string(dir.path().join("t1/chain.pem")).unwrap(),
+            "CA"
+        );
+        assert!(matches!(
+            writer.write(&bundle),
+            Err(OutputError::AlreadyIssued { .. })
+        ));
     }
 }

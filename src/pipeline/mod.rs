@@ -20,7 +20,9 @@ use crate::clock::Clock;
 use crate::csr;
 use crate::job::{DeviceRequest, JobConfig, JobError, JobReader, KeySource, RowError};
 use crate::keygen::{self, DeviceKey, PublicKey};
-use crate::output::{Bundle, BundleWriter, ManifestRow, ManifestWriter, OutputError, Status, CERT_FILE};
+use crate::output::{
+    Bundle, BundleWriter, ManifestRow, ManifestWriter, OutputError, Status, CERT_FILE,
+};
 
 /// What a batch needs besides the CA.
 #[derive(Debug, Clone)]
@@ -152,20 +154,34 @@ pub fn provision(p: &Provisioner<'_>, req: &DeviceRequest, rng: &SystemRandom) -
     }
 }
 
-fn provision_inner(p: &Provisioner<'_>, req: &DeviceRequest, rng: &SystemRandom) -> Result<ManifestRow, String> {
+fn provision_inner(
+    p: &Provisioner<'_>,
+    req: &DeviceRequest,
+    rng: &SystemRandom,
+) -> Result<ManifestRow, String> {
     let existing = p.writer.device_dir(&req.thing_name).join(CERT_FILE);
     if existing.exists() {
-        return Err(format!("{} already holds a certificate for this device", existing.display()));
+        return Err(format!(
+            "{} already holds a certificate for this device",
+            existing.display()
+        ));
     }
     let key = obtain_key(&req.key, rng)?;
     if key.private.is_none() {
         if let Some(first) = p.seen.first_use(&key.public, req.line) {
-            return Err(format!("the CSR's public key was already certified for line {first}"));
+            return Err(format!(
+                "the CSR's public key was already certified for line {first}"
+            ));
         }
     }
-    let cert = p
-        .ca
-        .issue_device(p.profile, &req.thing_name, &req.serial, &key.public, p.clock.now())
+    let cert =
+        p.ca.issue_device(
+            p.profile,
+            &req.thing_name,
+            &req.serial,
+            &key.public,
+            p.clock.now(),
+        )
         .map_err(|e| e.to_string())?;
     let cert_pem = cert.pem();
     let key_pem = key.private.as_ref().map(DeviceKey::pkcs8_pem);
@@ -225,7 +241,8 @@ pub fn run(
         seen: &seen,
     };
     let threads = config.threads.max(1);
-    let (work_tx, work_rx) = crossbeam_channel::bounded::<Result<DeviceRequest, RowError>>(threads * 64);
+    let (work_tx, work_rx) =
+        crossbeam_channel::bounded::<Result<DeviceRequest, RowError>>(threads * 64);
     let (done_tx, done_rx) = crossbeam_channel::bounded::<ManifestRow>(threads * 64);
     let mut summary = BatchSummary {
         issued: 0,
@@ -280,6 +297,9 @@ pub fn run(
 
 /// The default output folder for a job.
 pub fn default_out(job: &Path) -> PathBuf {
-    let stem = job.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = job
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     PathBuf::from(format!("provline-out/{stem}"))
 }

@@ -1,0 +1,15 @@
+//! Integration tests: they run the real `provline` binary in temporary folders
+//! and judge what it wrote with verifiers written elsewhere (OpenSSL, pkilint,
+//! Python `cryptography`, mosquitto). `util` holds the shared setup.
+
+mod util;
+
+mod it {
+    mod bad_inputs;
+    mod bench;
+    mod ca;
+    mod jitp;
+    mod profile;
+    mod tls;
+    mod verifiers;
+}
