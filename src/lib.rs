@@ -12,9 +12,11 @@
 //! - [`csr`]: CSRs made by devices, verified and checked against the allowlist;
 //! - [`ca`]: the local CA, its signer, the certificate profile, issuance;
 //! - [`cloud`]: what AWS IoT Core needs from the station (JITP template checks);
-//! - [`output`]: device bundles and the manifest, written atomically;
+//! - [`ledger`]: the durable record of every device and certificate (SQLite);
+//! - [`output`]: device bundles, the manifest and bulk-registration JSONL, written atomically;
 //! - [`pipeline`]: a batch job from rows to bundles on every core;
-//! - [`bench`]: throughput of each stage against the raw crypto it rests on.
+//! - [`progress`]: the live bar and the summary;
+//! - [`mod@bench`]: throughput of each stage against the raw crypto it rests on.
 //!
 //! Edges are traits: the CA [`ca::signer::Signer`] and the [`clock::Clock`].
 #![forbid(unsafe_code, unused_must_use)]
@@ -28,8 +30,10 @@ pub mod csr;
 pub mod fsx;
 pub mod job;
 pub mod keygen;
+pub mod ledger;
 pub mod output;
 pub mod pipeline;
+pub mod progress;
 
 /// PEM with LF line endings and 64-column base64, as openssl writes it.
 pub fn pem_encode(tag: &str, der: &[u8]) -> String {

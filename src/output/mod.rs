@@ -15,6 +15,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub mod bulk;
+
 use serde::Serialize;
 
 use crate::fsx::{self, Durability};

@@ -1,0 +1,263 @@
+//! The writes after a device is planned: its steps, its failure, the
+//! intent, the signed certificate, superseding a certificate.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::error::LedgerError;
+use super::store::{device_status, Ctx};
+use super::types::{CertState, DeviceState, DeviceStatus};
+
+/// A write the lifecycle allows, after its checks.
+#[derive(Debug)]
+pub(crate) enum WriteOp {
+    Advance {
+        serial: String,
+        to: DeviceState,
+        detail: String,
+    },
+    Fail {
+        serial: String,
+        reason: String,
+    },
+    Intent {
+        serial: String,
+        cert_serial: String,
+        public_key: String,
+    },
+    Issued {
+        cert_serial: String,
+        der: Vec<u8>,
+        certificate_id: String,
+        not_after: String,
+    },
+    Supersede {
+        serial: String,
+        reason: String,
+    },
+}
+
+impl WriteOp {
+    /// What the operation is, for error messages.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            WriteOp::Advance { serial, to, .. } => format!("moving device {serial} to {to}"),
+            WriteOp::Fail { serial, .. } => format!("recording the failure of device {serial}"),
+            WriteOp::Intent { serial, .. } => format!("recording intent for device {serial}"),
+            WriteOp::Issued { cert_serial, .. } => format!("recording certificate {cert_serial}"),
+            WriteOp::Supersede { serial, .. } => {
+                format!("superseding the certificate of device {serial}")
+            }
+        }
+    }
+}
+
+/// Applies one write.
+pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<(), LedgerError> {
+    let sql = |e| ctx.sqlite(op.describe(), e);
+    let path = || ctx.path.to_path_buf();
+    let status = |serial: &str| -> Result<DeviceStatus, LedgerError> {
+        device_status(conn, ctx.ca, serial)
+            .map_err(sql)?
+            .ok_or_else(|| LedgerError::UnknownDevice {
+                path: path(),
+                op: op.describe(),
+                serial: serial.to_string(),
+            })
+    };
+    let refuse =
+        |serial: &str, from: DeviceState, to: DeviceState, note: &str| LedgerError::Transition {
+            path: path(),
+            serial: serial.to_string(),
+            from,
+            to,
+            note: note.to_string(),
+        };
+    match op {
+        WriteOp::Advance { serial, to, detail } => {
+            let dev = status(serial)?;
+            if dev.state == *to {
+                return Ok(());
+            }
+            match to {
+                DeviceState::Issued => {
+                    return Err(refuse(
+                        serial,
+                        dev.state,
+                        *to,
+                        "only a recorded certificate issues",
+                    ))
+                }
+                DeviceState::Failed => {
+                    return Err(refuse(
+                        serial,
+                        dev.state,
+                        *to,
+                        "record a failure with its reason",
+                    ))
+                }
+                _ => {}
+            }
+            if dev.state == DeviceState::Failed || *to < dev.state {
+                return Err(refuse(serial, dev.state, *to, ""));
+            }
+            if to.has_certificate() && dev.live_cert_serial.is_none() {
+                return Err(refuse(serial, dev.state, *to, "no live certificate"));
+            }
+            ctx.set_state(conn, serial, *to, None).map_err(sql)?;
+            ctx.event(conn, serial, to.as_str(), detail).map_err(sql)
+        }
+        WriteOp::Fail { serial, reason } => {
+            let dev = status(serial)?;
+            if let Some(intent) = &dev.pending_intent {
+                ctx.supersede(conn, serial, intent, &format!("failed: {reason}"))
+                    .map_err(sql)?;
+            }
+            ctx.set_state(conn, serial, DeviceState::Failed, Some(reason))
+                .map_err(sql)?;
+            ctx.event(conn, serial, "failed", reason).map_err(sql)
+        }
+        WriteOp::Intent {
+            serial,
+            cert_serial,
+            public_key,
+        } => {
+            let dev = status(serial)?;
+            if dev.state == DeviceState::Failed {
+                return Err(refuse(
+                    serial,
+                    dev.state,
+                    DeviceState::Issued,
+                    "the device failed; plan it again",
+                ));
+            }
+            let held = [
+                (&dev.live_cert_serial, CertState::Live),
+                (&dev.pending_intent, CertState::Intent),
+            ];
+            if let Some((Some(cert), state)) = held.into_iter().find(|(c, _)| c.is_some()) {
+                return Err(LedgerError::CertificateExists {
+                    path: path(),
+                    serial: serial.clone(),
+                    cert_serial: cert.clone(),
+                    state,
+                });
+            }
+            let used: Option<String> = conn
+                .prepare_cached("SELECT device_serial FROM certificates WHERE cert_serial = ?1")
+                .and_then(|mut s| s.query_row([cert_serial], |r| r.get(0)).optional())
+                .map_err(sql)?;
+            if let Some(used_by) = used {
+                return Err(LedgerError::DuplicateCertSerial {
+                    path: path(),
+                    serial: serial.clone(),
+                    cert_serial: cert_serial.clone(),
+                    used_by,
+                });
+            }
+            let reused: Option<(String, String)> = conn
+                .prepare_cached(
+                    "SELECT device_serial, cert_serial FROM certificates \
+                     WHERE public_key = ?1 AND device_serial <> ?2 LIMIT 1",
+                )
+                .and_then(|mut s| {
+                    s.query_row([public_key, serial], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                })
+                .map_err(sql)?;
+            if let Some((used_by, used_cert_serial)) = reused {
+                return Err(LedgerError::ReusedPublicKey {
+                    path: path(),
+                    serial: serial.clone(),
+                    public_key: public_key.clone(),
+                    used_by,
+                    used_cert_serial,
+                });
+            }
+            conn.prepare_cached(
+                "INSERT INTO certificates (ca, device_serial, thing_name, cert_serial, public_key, state, created, updated) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'intent', ?6, ?6)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    ctx.ca.as_str(),
+                    serial,
+                    dev.thing_name,
+                    cert_serial,
+                    public_key,
+                    ctx.now
+                ])
+            })
+            .map_err(sql)?;
+            ctx.event(conn, serial, "intent", cert_serial).map_err(sql)
+        }
+        WriteOp::Issued {
+            cert_serial,
+            der,
+            certificate_id,
+            not_after,
+        } => {
+            let found: Option<(String, String)> = conn
+                .prepare_cached("SELECT device_serial, state FROM certificates WHERE cert_serial = ?1 AND ca = ?2")
+                .and_then(|mut s| {
+                    s.query_row(params![cert_serial, ctx.ca.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                })
+                .map_err(sql)?;
+            let no_intent = |found| LedgerError::NoIntent {
+                path: path(),
+                cert_serial: cert_serial.clone(),
+                found,
+            };
+            let Some((serial, state)) = found else {
+                return Err(no_intent(None));
+            };
+            if state != CertState::Intent.as_str() {
+                return Err(no_intent(state.parse().ok()));
+            }
+            let dup: Option<String> = conn
+                .prepare_cached("SELECT cert_serial FROM certificates WHERE certificate_id = ?1")
+                .and_then(|mut s| s.query_row([&certificate_id], |r| r.get(0)).optional())
+                .map_err(sql)?;
+            if dup.is_some() {
+                return Err(LedgerError::DuplicateCertificate {
+                    path: path(),
+                    cert_serial: cert_serial.clone(),
+                    certificate_id: certificate_id.clone(),
+                });
+            }
+            conn.prepare_cached(
+                "UPDATE certificates SET der = ?2, certificate_id = ?3, not_after = ?4, state = 'live', updated = ?5 \
+                 WHERE cert_serial = ?1",
+            )
+            .and_then(|mut s| s.execute(params![cert_serial, der, certificate_id, not_after, ctx.now]))
+            .map_err(sql)?;
+            ctx.set_state(conn, &serial, DeviceState::Issued, None)
+                .map_err(sql)?;
+            ctx.event(
+                conn,
+                &serial,
+                "issued",
+                &format!("{cert_serial} {certificate_id}"),
+            )
+            .map_err(sql)
+        }
+        WriteOp::Supersede { serial, reason } => {
+            let dev = status(serial)?;
+            for cert in dev.live_cert_serial.iter().chain(&dev.pending_intent) {
+                ctx.supersede(conn, serial, cert, reason).map_err(sql)?;
+            }
+            if dev.state.has_certificate() {
+                ctx.set_state(conn, serial, DeviceState::Planned, None)
+                    .map_err(sql)?;
+                ctx.event(
+                    conn,
+                    serial,
+                    "planned",
+                    &format!("certificate superseded: {reason}"),
+                )
+                .map_err(sql)?;
+            }
+            Ok(())
+        }
+    }
+}

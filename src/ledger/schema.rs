@@ -1,0 +1,248 @@
+//! The ledger's tables, their versions, and how a connection is opened.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::error::LedgerError;
+use super::Durability;
+
+/// `PRAGMA application_id` of a ledger file ("PVLN").
+pub const APPLICATION_ID: i32 = 0x5056_4c4e;
+
+/// Schema migrations: entry `i` takes the file from version `i` to `i + 1`.
+/// Append only; never edit a released entry.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: devices, certificates, the append-only event log.
+    r#"
+CREATE TABLE devices (
+    ca          TEXT NOT NULL,
+    serial      TEXT NOT NULL,
+    thing_name  TEXT NOT NULL,
+    job_file    TEXT NOT NULL,
+    job_label   TEXT NOT NULL,
+    line        INTEGER NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN
+                  ('planned','key_ready','issued','registered','delivered','verified','failed')),
+    error       TEXT,
+    created     TEXT NOT NULL,
+    updated     TEXT NOT NULL,
+    PRIMARY KEY (ca, serial)
+) WITHOUT ROWID;
+CREATE INDEX devices_by_job ON devices (job_file, job_label, ca);
+
+CREATE TABLE certificates (
+    id              INTEGER PRIMARY KEY,
+    ca              TEXT NOT NULL,
+    device_serial   TEXT NOT NULL,
+    thing_name      TEXT NOT NULL,
+    cert_serial     TEXT NOT NULL UNIQUE,
+    certificate_id  TEXT UNIQUE,
+    public_key      TEXT NOT NULL,
+    der             BLOB,
+    not_after       TEXT,
+    state           TEXT NOT NULL CHECK (state IN ('intent','live','superseded')),
+    reason          TEXT,
+    created         TEXT NOT NULL,
+    updated         TEXT NOT NULL,
+    CHECK (state <> 'live' OR (der IS NOT NULL AND certificate_id IS NOT NULL)),
+    FOREIGN KEY (ca, device_serial) REFERENCES devices (ca, serial)
+);
+CREATE UNIQUE INDEX certificates_one_live ON certificates (ca, device_serial) WHERE state = 'live';
+CREATE UNIQUE INDEX certificates_one_intent ON certificates (ca, device_serial) WHERE state = 'intent';
+CREATE INDEX certificates_by_device ON certificates (ca, device_serial);
+CREATE INDEX certificates_by_key ON certificates (public_key);
+
+CREATE TABLE events (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    time            TEXT NOT NULL,
+    ca              TEXT NOT NULL,
+    device_serial   TEXT NOT NULL,
+    event           TEXT NOT NULL,
+    detail          TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX events_by_device ON events (ca, device_serial);
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+"#,
+];
+
+/// The schema version this station writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+fn sqlite_err<'a>(path: &'a Path, op: &str) -> impl FnOnce(rusqlite::Error) -> LedgerError + 'a {
+    let op = op.to_string();
+    move |source| LedgerError::Sqlite {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// Opens the writing connection: WAL, the durability asked for, foreign
+/// keys on, and the schema migrated to [`SCHEMA_VERSION`].
+pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connection, LedgerError> {
+    let conn = Connection::open(path).map_err(sqlite_err(path, "opening"))?;
+    // Every statement of the writer stays prepared (the default cache holds 16).
+    conn.set_prepared_statement_cache_capacity(64);
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(sqlite_err(path, "setting the busy timeout"))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(sqlite_err(path, "switching to WAL"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(LedgerError::NotALedger {
+            path: path.to_path_buf(),
+            reason: format!("the file system refused WAL mode (journal mode stays {mode})"),
+        });
+    }
+    conn.pragma_update(None, "synchronous", durability.pragma())
+        .map_err(sqlite_err(path, "setting synchronous"))?;
+    // Savepoint journals (one per operation of a batch) stay in memory.
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(sqlite_err(path, "setting temp_store"))?;
+    conn.pragma_update(None, "foreign_keys", true)
+        .map_err(sqlite_err(path, "enabling foreign keys"))?;
+    migrate(&conn, path)?;
+    Ok(conn)
+}
+
+/// Opens a connection that only reads, after checking the schema version.
+pub(crate) fn open_reader(path: &Path) -> Result<Connection, LedgerError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(sqlite_err(path, "opening for reading"))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(sqlite_err(path, "setting the busy timeout"))?;
+    conn.pragma_update(None, "query_only", true)
+        .map_err(sqlite_err(path, "opening for reading"))?;
+    let (app, version) = identity(&conn, path)?;
+    check_identity(path, app, version, &conn)?;
+    if version < SCHEMA_VERSION {
+        return Err(LedgerError::NotALedger {
+            path: path.to_path_buf(),
+            reason: format!("schema version {version} is older than {SCHEMA_VERSION}; open it for writing once to migrate"),
+        });
+    }
+    Ok(conn)
+}
+
+fn identity(conn: &Connection, path: &Path) -> Result<(i32, i64), LedgerError> {
+    let app: i32 = conn
+        .query_row("PRAGMA application_id", [], |row| row.get(0))
+        .map_err(sqlite_err(path, "reading the application id"))?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(sqlite_err(path, "reading the schema version"))?;
+    Ok((app, version))
+}
+
+fn check_identity(
+    path: &Path,
+    app: i32,
+    version: i64,
+    conn: &Connection,
+) -> Result<(), LedgerError> {
+    if app != APPLICATION_ID && app != 0 {
+        return Err(LedgerError::NotALedger {
+            path: path.to_path_buf(),
+            reason: format!("application id {app:#x}"),
+        });
+    }
+    if version > SCHEMA_VERSION {
+        return Err(LedgerError::NewerSchema {
+            path: path.to_path_buf(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if version == 0 {
+        let tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'table'",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(sqlite_err(path, "reading the schema"))?;
+        if tables > 0 {
+            return Err(LedgerError::NotALedger {
+                path: path.to_path_buf(),
+                reason: format!("{tables} foreign tables and no schema version"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`], one version per transaction;
+/// refuses a file newer than this station.
+pub fn migrate(conn: &Connection, path: &Path) -> Result<(), LedgerError> {
+    let (app, version) = identity(conn, path)?;
+    check_identity(path, app, version, conn)?;
+    for (from, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        let to = from + 1;
+        let op = format!("migrating the schema to version {to}");
+        let script = format!(
+            "BEGIN IMMEDIATE;\n{sql}\nPRAGMA application_id = {APPLICATION_ID};\nPRAGMA user_version = {to};\nCOMMIT;"
+        );
+        if let Err(source) = conn.execute_batch(&script) {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            return Err(LedgerError::Sqlite {
+                path: path.to_path_buf(),
+                op,
+                source,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The lock that keeps a second station process from writing the same
+/// ledger: an exclusive transaction on a side file, held while the ledger
+/// is open and released by the OS if the process dies.
+#[derive(Debug)]
+pub(crate) struct StationLock {
+    _conn: Connection,
+}
+
+impl StationLock {
+    /// The side file of `ledger`.
+    pub(crate) fn path_for(ledger: &Path) -> PathBuf {
+        let mut name = ledger.as_os_str().to_owned();
+        name.push("-lock");
+        PathBuf::from(name)
+    }
+
+    /// Takes the lock, or says who holds it.
+    pub(crate) fn acquire(ledger: &Path) -> Result<StationLock, LedgerError> {
+        let lock = Self::path_for(ledger);
+        let conn = Connection::open(&lock).map_err(sqlite_err(ledger, "opening the lock file"))?;
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .map_err(sqlite_err(ledger, "taking the lock"))?;
+        match conn.execute_batch("BEGIN EXCLUSIVE") {
+            Ok(()) => Ok(StationLock { _conn: conn }),
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                Err(LedgerError::InUse {
+                    path: ledger.to_path_buf(),
+                    lock,
+                })
+            }
+            Err(source) => Err(LedgerError::Sqlite {
+                path: ledger.to_path_buf(),
+                op: "taking the lock".into(),
+                source,
+            }),
+        }
+    }
+}

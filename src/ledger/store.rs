@@ -1,0 +1,301 @@
+//! The ledger's operations on one connection, inside the caller's transaction.
+//!
+//! Planning a device, the resume queries, and recovery on opening. Each
+//! write (here and in `lifecycle`) checks what the lifecycle allows,
+//! changes the rows and appends one event per change. The schema's constraints (unique serials
+//! and ids, one live certificate and one intent per device) back up every
+//! check made here.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::error::LedgerError;
+use super::types::{
+    AbandonedIntent, CaId, DeviceState, DeviceStatus, JobId, PlanOutcome, PlannedDevice,
+    REASON_CRASH, REASON_REISSUE,
+};
+
+/// What every operation needs: the file (for errors), the CA, the time.
+pub(crate) struct Ctx<'a> {
+    pub path: &'a Path,
+    pub ca: &'a CaId,
+    pub now: String,
+}
+
+impl Ctx<'_> {
+    pub(crate) fn sqlite(&self, op: String, source: rusqlite::Error) -> LedgerError {
+        LedgerError::Sqlite {
+            path: self.path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+
+    pub(crate) fn event(
+        &self,
+        conn: &Connection,
+        serial: &str,
+        event: &str,
+        detail: &str,
+    ) -> rusqlite::Result<()> {
+        conn.prepare_cached("INSERT INTO events (time, ca, device_serial, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)")?
+            .execute(params![self.now, self.ca.as_str(), serial, event, detail])?;
+        Ok(())
+    }
+
+    pub(crate) fn set_state(
+        &self,
+        conn: &Connection,
+        serial: &str,
+        state: DeviceState,
+        error: Option<&str>,
+    ) -> rusqlite::Result<()> {
+        conn.prepare_cached(
+            "UPDATE devices SET state = ?3, error = ?4, updated = ?5 WHERE ca = ?1 AND serial = ?2",
+        )?
+        .execute(params![
+            self.ca.as_str(),
+            serial,
+            state.as_str(),
+            error,
+            self.now
+        ])?;
+        Ok(())
+    }
+
+    /// Marks `cert_serial` superseded for `reason`, with its event.
+    pub(crate) fn supersede(
+        &self,
+        conn: &Connection,
+        device: &str,
+        cert_serial: &str,
+        reason: &str,
+    ) -> rusqlite::Result<()> {
+        conn.prepare_cached("UPDATE certificates SET state = 'superseded', reason = ?2, updated = ?3 WHERE cert_serial = ?1")?
+            .execute(params![cert_serial, reason, self.now])?;
+        self.event(
+            conn,
+            device,
+            "superseded",
+            &format!("{cert_serial}: {reason}"),
+        )
+    }
+}
+
+/// A device for a job.
+#[derive(Debug)]
+pub(crate) struct PlanOp {
+    pub job: JobId,
+    pub device: PlannedDevice,
+    pub reissue: bool,
+}
+
+impl PlanOp {
+    /// What the operation is, for error messages.
+    pub(crate) fn describe(&self) -> String {
+        format!("planning device {}", self.device.serial)
+    }
+}
+
+const STATUS_SQL: &str = "SELECT d.serial, d.thing_name, d.job_file, d.job_label, d.line, d.state, d.error, \
+     (SELECT c.cert_serial FROM certificates c WHERE c.ca = d.ca AND c.device_serial = d.serial AND c.state = 'live'), \
+     (SELECT c.certificate_id FROM certificates c WHERE c.ca = d.ca AND c.device_serial = d.serial AND c.state = 'live'), \
+     (SELECT c.cert_serial FROM certificates c WHERE c.ca = d.ca AND c.device_serial = d.serial AND c.state = 'intent'), \
+     d.created, d.updated FROM devices d";
+
+fn status_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceStatus> {
+    let state: String = row.get(5)?;
+    let line: i64 = row.get(4)?;
+    Ok(DeviceStatus {
+        serial: row.get(0)?,
+        thing_name: row.get(1)?,
+        job: JobId {
+            file: row.get(2)?,
+            label: row.get(3)?,
+        },
+        line: u64::try_from(line).unwrap_or(0),
+        state: state.parse().map_err(|e: String| {
+            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, e.into())
+        })?,
+        error: row.get(6)?,
+        live_cert_serial: row.get(7)?,
+        live_certificate_id: row.get(8)?,
+        pending_intent: row.get(9)?,
+        created: row.get(10)?,
+        updated: row.get(11)?,
+    })
+}
+
+/// A device's record, if it is in the ledger under `ca`.
+pub(crate) fn device_status(
+    conn: &Connection,
+    ca: &CaId,
+    serial: &str,
+) -> rusqlite::Result<Option<DeviceStatus>> {
+    conn.prepare_cached(&format!("{STATUS_SQL} WHERE d.ca = ?1 AND d.serial = ?2"))?
+        .query_row(params![ca.as_str(), serial], status_from_row)
+        .optional()
+}
+
+/// Every device of `job` under `ca`, in job order.
+pub(crate) fn job_devices(
+    conn: &Connection,
+    ca: &CaId,
+    job: &JobId,
+) -> rusqlite::Result<Vec<DeviceStatus>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "{STATUS_SQL} WHERE d.job_file = ?1 AND d.job_label = ?2 AND d.ca = ?3 ORDER BY d.line, d.serial"
+    ))?;
+    let rows = stmt.query_map(params![job.file, job.label, ca.as_str()], status_from_row)?;
+    rows.collect()
+}
+
+fn line_sql(line: u64) -> i64 {
+    i64::try_from(line).unwrap_or(i64::MAX)
+}
+
+/// Puts a device of a job in the ledger, or says where it stands.
+pub(crate) fn plan(
+    conn: &Connection,
+    ctx: &Ctx<'_>,
+    op: &PlanOp,
+) -> Result<PlanOutcome, LedgerError> {
+    let dev = &op.device;
+    let sql = |e| ctx.sqlite(op.describe(), e);
+    let Some(existing) = device_status(conn, ctx.ca, &dev.serial).map_err(sql)? else {
+        conn.prepare_cached(
+            "INSERT INTO devices (ca, serial, thing_name, job_file, job_label, line, state, created, updated) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'planned', ?7, ?7)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                ctx.ca.as_str(),
+                dev.serial,
+                dev.thing_name,
+                op.job.file,
+                op.job.label,
+                line_sql(dev.line),
+                ctx.now
+            ])
+        })
+        .map_err(sql)?;
+        ctx.event(
+            conn,
+            &dev.serial,
+            "planned",
+            &format!("{} line {}", op.job, dev.line),
+        )
+        .map_err(sql)?;
+        return Ok(PlanOutcome::New);
+    };
+    if existing.job == op.job {
+        if existing.state != DeviceState::Failed {
+            return Ok(PlanOutcome::Resume(existing));
+        }
+        let state = if existing.live_cert_serial.is_some() {
+            DeviceState::Issued
+        } else {
+            DeviceState::Planned
+        };
+        let previous_error = existing.error.unwrap_or_default();
+        ctx.set_state(conn, &dev.serial, state, None).map_err(sql)?;
+        ctx.event(
+            conn,
+            &dev.serial,
+            "retry",
+            &format!("back to {state} after: {previous_error}"),
+        )
+        .map_err(sql)?;
+        return Ok(PlanOutcome::Retry {
+            state,
+            previous_error,
+        });
+    }
+    if !op.reissue {
+        return Err(LedgerError::OtherJob {
+            path: ctx.path.to_path_buf(),
+            serial: dev.serial.clone(),
+            other_job: existing.job,
+            other_line: existing.line,
+        });
+    }
+    for cert in existing
+        .live_cert_serial
+        .iter()
+        .chain(&existing.pending_intent)
+    {
+        ctx.supersede(conn, &dev.serial, cert, REASON_REISSUE)
+            .map_err(sql)?;
+    }
+    conn.prepare_cached(
+        "UPDATE devices SET thing_name = ?3, job_file = ?4, job_label = ?5, line = ?6, state = 'planned', \
+         error = NULL, updated = ?7 WHERE ca = ?1 AND serial = ?2",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            ctx.ca.as_str(),
+            dev.serial,
+            dev.thing_name,
+            op.job.file,
+            op.job.label,
+            line_sql(dev.line),
+            ctx.now
+        ])
+    })
+    .map_err(sql)?;
+    ctx.event(
+        conn,
+        &dev.serial,
+        "reissue",
+        &format!("from {} to {} line {}", existing.job, op.job, dev.line),
+    )
+    .map_err(sql)?;
+    Ok(PlanOutcome::Reissue {
+        previous_job: existing.job,
+        superseded: existing.live_cert_serial,
+    })
+}
+
+/// Supersedes every intent left without a certificate (all CAs): the
+/// signature may exist but was never recorded nor delivered.
+pub(crate) fn recover(
+    conn: &Connection,
+    path: &Path,
+    now: &str,
+) -> Result<Vec<AbandonedIntent>, LedgerError> {
+    let sql = |e| LedgerError::Sqlite {
+        path: path.to_path_buf(),
+        op: "superseding intents left by a crash".into(),
+        source: e,
+    };
+    let intents: Vec<AbandonedIntent> = conn
+        .prepare("SELECT ca, device_serial, cert_serial, created FROM certificates WHERE state = 'intent' ORDER BY id")
+        .and_then(|mut s| {
+            s.query_map([], |r| {
+                Ok(AbandonedIntent {
+                    ca: CaId::from_stored(r.get(0)?),
+                    device_serial: r.get(1)?,
+                    cert_serial: r.get(2)?,
+                    since: r.get(3)?,
+                })
+            })?
+            .collect()
+        })
+        .map_err(sql)?;
+    for intent in &intents {
+        let ctx = Ctx {
+            path,
+            ca: &intent.ca,
+            now: now.to_string(),
+        };
+        ctx.supersede(
+            conn,
+            &intent.device_serial,
+            &intent.cert_serial,
+            REASON_CRASH,
+        )
+        .map_err(sql)?;
+    }
+    Ok(intents)
+}

@@ -1,0 +1,158 @@
+//! The ledger under load: many threads on one writer, a full disk, and
+//! a measurement of group commit against a transaction per operation.
+
+use std::time::{Duration, Instant};
+
+use time::macros::datetime;
+
+use super::tests::{device, export, issue, job, ledger_path, open, options, raw, test_ca};
+use super::*;
+
+#[test]
+fn a_full_disk_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = ledger_path(&dir);
+    drop(open(&path));
+    let pages: u32 = raw(&path)
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .unwrap();
+    let ledger = Ledger::open(
+        &path,
+        test_ca(),
+        LedgerOptions {
+            max_pages: Some(pages + 4),
+            ..options()
+        },
+    )
+    .unwrap();
+    let job = job("a");
+    let full = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|t| {
+                let (ledger, job) = (&ledger, &job);
+                s.spawn(move || {
+                    (0..2000).find_map(|i| {
+                        let serial = format!("SN-{t}-{i}-{}", "x".repeat(200));
+                        ledger.plan(job, &device(&serial, i), false).err()
+                    })
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for err in full {
+        let err = err.expect("the disk fills up");
+        assert!(err.is_disk_full(), "{err}");
+        assert!(err.to_string().contains("planning device SN-"), "{err}");
+    }
+    assert_eq!(ledger.reader().integrity_check().unwrap(), ["ok"]);
+    ledger.close().unwrap();
+}
+
+#[test]
+fn many_threads_share_one_writer_and_a_refusal_stays_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&ledger_path(&dir));
+    let job = job("a");
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let (ledger, job) = (&ledger, &job);
+            s.spawn(move || {
+                for i in 0..100 {
+                    let serial = format!("SN-{t}-{i}");
+                    let cert = format!("{t:02x}{i:04x}");
+                    issue(ledger, job, &serial, &cert, serial.as_bytes());
+                    // A second device reusing that certificate serial is
+                    // refused, inside a batch that commits the others.
+                    let other = format!("{serial}-b");
+                    ledger.plan(job, &device(&other, i), false).unwrap();
+                    let reused = ledger.record_intent(&other, &cert, b"another key");
+                    assert!(
+                        matches!(reused, Err(LedgerError::DuplicateCertSerial { .. })),
+                        "{reused:?}"
+                    );
+                    issue(
+                        ledger,
+                        job,
+                        &other,
+                        &format!("{t:02x}{i:04x}ff"),
+                        other.as_bytes(),
+                    );
+                }
+            });
+        }
+    });
+    let rows = export(&ledger);
+    assert_eq!(rows.len(), 1600);
+    assert!(rows.iter().all(|r| r.state == CertState::Live));
+    assert_eq!(ledger.devices_for_job(&job).unwrap().len(), 1600);
+}
+
+/// Intent+issued pairs per second, group commit against a transaction per
+/// operation. `cargo test --release --lib ledger::tests_load::throughput -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement, not a check"]
+fn throughput() {
+    const DEVICES: usize = 20_000;
+    const THREADS: usize = 16;
+    for durability in [Durability::Normal, Durability::Full] {
+        for max_batch in [512, 1] {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = LedgerOptions {
+                durability,
+                max_batch,
+                ..LedgerOptions::default()
+            };
+            let ledger = Ledger::open(&ledger_path(&dir), test_ca(), opts).unwrap();
+            let job = job("bench");
+            let n = if max_batch == 1 && durability == Durability::Full {
+                DEVICES / 10
+            } else {
+                DEVICES
+            };
+            std::thread::scope(|s| {
+                for t in 0..THREADS {
+                    let (ledger, job) = (&ledger, &job);
+                    s.spawn(move || {
+                        for i in (t..n).step_by(THREADS) {
+                            ledger
+                                .plan(job, &device(&format!("SN-{i}"), 0), false)
+                                .unwrap();
+                        }
+                    });
+                }
+            });
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for t in 0..THREADS {
+                    let (ledger, _) = (&ledger, &job);
+                    s.spawn(move || {
+                        for i in (t..n).step_by(THREADS) {
+                            let serial = format!("SN-{i}");
+                            let cert = format!("{i:032x}");
+                            ledger
+                                .record_intent(&serial, &cert, serial.as_bytes())
+                                .unwrap();
+                            let der = vec![u8::try_from(i % 251).unwrap_or(0); 700];
+                            let mut der = der;
+                            der[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                            ledger
+                                .record_issued(&cert, &der, datetime!(2035-01-01 0:00 UTC))
+                                .unwrap();
+                        }
+                    });
+                }
+            });
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "{durability:?} max_batch={max_batch:>3} threads={THREADS}: {n} intent+issued pairs in {secs:.2} s = {:.0} pairs/s",
+                n as f64 / secs
+            );
+            ledger.close().unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
