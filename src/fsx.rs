@@ -57,6 +57,12 @@ pub fn write_atomic(
     result
 }
 
+/// Creates `path` (which must not exist) with `mode` and writes `bytes`,
+/// for files inside a folder that is itself renamed into place.
+pub fn write_new_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    open_new(path, mode)?.write_all(bytes)
+}
+
 /// Like [`write_atomic`], but fails with `AlreadyExists` if `path` exists.
 pub fn write_new(path: &Path, bytes: &[u8], mode: u32, durability: Durability) -> io::Result<()> {
     if path.exists() {

@@ -17,8 +17,12 @@ use provline::cloud::template::JitpTemplate;
 use provline::fsx;
 use provline::job::{JobConfig, DEFAULT_PATTERN};
 use provline::keygen::KeyType;
-use provline::output::Status;
+use provline::ledger::{self, CertificateRow, LedgerReader};
+use provline::output::ManifestRow;
 use provline::pipeline::{self, BatchConfig};
+use provline::progress::{self, Outcome, Progress};
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
 
 /// The development CA a batch makes on first use when no --ca is given.
 const DEV_CA_DIR: &str = "provline-dev-ca";
@@ -47,9 +51,12 @@ enum Command {
     #[command(subcommand)]
     Ca(CaCommand),
     /// Issue credentials for every device of a job CSV.
-    Batch(BatchArgs),
+    Batch(Box<BatchArgs>),
     /// Measure certificate throughput against the raw crypto.
     Bench(BenchArgs),
+    /// The ledger of issued certificates.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,6 +130,39 @@ struct BatchArgs {
     /// A JITP provisioning template: refuse to start unless the profile fills every field it references.
     #[arg(long)]
     jitp_template: Option<PathBuf>,
+    /// The ledger (SQLite) [default: OUT.ledger.sqlite beside the output folder].
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+    /// What a ledger commit survives: `normal` a killed process, `full` a power cut too.
+    #[arg(long, default_value = "normal", value_parser = parse_durability)]
+    ledger_sync: ledger::Durability,
+    /// Re-issue devices the ledger holds from another job (their old certificate is superseded).
+    #[arg(long)]
+    reissue: bool,
+    /// Also write the newline-delimited JSON of AWS IoT bulk registration here.
+    #[arg(long)]
+    bulk_jsonl: Option<PathBuf>,
+}
+
+fn parse_durability(s: &str) -> Result<ledger::Durability, String> {
+    match s {
+        "normal" => Ok(ledger::Durability::Normal),
+        "full" => Ok(ledger::Durability::Full),
+        other => Err(format!("{other:?}: expected normal or full")),
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum LedgerCommand {
+    /// Every certificate signed through the ledger.
+    Export {
+        /// The ledger file.
+        #[arg(long)]
+        ledger: PathBuf,
+        /// Output format.
+        #[arg(long, default_value = "csv", value_parser = ["csv", "jsonl"])]
+        format: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +182,10 @@ struct BenchArgs {
     /// Measurements per mode; the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Also measure whole batches (ledger and files included) in a scratch folder here,
+    /// against the crypto and bare file writes measured in the same run.
+    #[arg(long)]
+    batch_dir: Option<PathBuf>,
 }
 
 /// An error that means nothing was done (exit 2).
@@ -227,6 +271,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Batch(args) => batch(cli, args, &clock),
+        Command::Ledger(LedgerCommand::Export { ledger, format }) => export(ledger, format),
         Command::Bench(args) => {
             let config = BenchConfig {
                 count: args.count.unwrap_or(
@@ -241,7 +286,10 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 threads: args.threads.unwrap_or_else(cores),
                 rounds: args.rounds,
             };
-            let results = bench::run(&config)?;
+            let results = match &args.batch_dir {
+                Some(dir) => bench::run_with_batch(&config, dir)?,
+                None => bench::run(&config)?,
+            };
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&results)?);
             } else {
@@ -286,51 +334,108 @@ fn batch(cli: &Cli, args: &BatchArgs, clock: &dyn Clock) -> Result<ExitCode> {
         Some(dir) => LocalCa::load(dir, clock.now())?,
         None => dev_ca(Path::new(DEV_CA_DIR), clock, cli.quiet)?,
     };
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| pipeline::default_out(&args.job));
     let config = BatchConfig {
-        out: args
-            .out
+        ledger: args
+            .ledger
             .clone()
-            .unwrap_or_else(|| pipeline::default_out(&args.job)),
+            .unwrap_or_else(|| pipeline::default_ledger(&out)),
+        out,
         job: args.job.clone(),
         threads: args.threads.unwrap_or_else(cores),
         job_config: JobConfig {
             thing_name_pattern: args.thing_name_pattern.clone(),
             default_key: args.key,
+            track_duplicates: false,
         },
         profile,
+        durability: args.ledger_sync,
+        reissue: args.reissue,
+        bulk_jsonl: args.bulk_jsonl.clone(),
     };
-    let mut report = |row: &provline::output::ManifestRow| {
-        if row.status == Status::Failed {
-            eprintln!("failed: {}: {}", display_serial(&row.serial), row.error);
+    let mode = if !cli.quiet && !cli.json && std::io::stderr().is_terminal() {
+        progress::Mode::Bar
+    } else {
+        progress::Mode::Silent
+    };
+    let mut progress = Progress::new(mode, None);
+    let mut report = |row: &ManifestRow, outcome: Outcome| {
+        if outcome == Outcome::Failed {
+            progress.println(&format!(
+                "failed: {}: {}",
+                display_serial(&row.serial),
+                row.error
+            ));
         }
+        progress.record(outcome);
     };
-    let summary = pipeline::run(&ca, &config, clock, &mut report)?;
+    let stop = AtomicBool::new(false);
+    let result = pipeline::run(&ca, &config, clock, &stop, &mut report);
+    progress.finish();
+    let summary = result?;
     if cli.json {
         println!(
             "{}",
             serde_json::json!({
                 "issued": summary.issued,
+                "skipped": summary.skipped,
                 "failed": summary.failed,
+                "interrupted": summary.interrupted,
                 "seconds": summary.seconds,
                 "devices_per_sec": summary.rate(),
                 "out": config.out,
+                "ledger": config.ledger,
             })
         );
     } else if !cli.quiet {
         println!(
-            "{} issued, {} failed in {:.2} s ({:.0} devices/s); manifest: {}",
+            "{} issued, {} already done, {} failed in {:.2} s ({:.0} devices/s){}; manifest: {}",
             summary.issued,
+            summary.skipped,
             summary.failed,
             summary.seconds,
             summary.rate(),
+            if summary.interrupted {
+                "; INTERRUPTED: run the same command again to finish"
+            } else {
+                ""
+            },
             config.out.join(provline::output::MANIFEST_FILE).display()
         );
     }
-    Ok(if summary.failed > 0 {
+    Ok(if summary.failed > 0 || summary.interrupted {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn export(path: &Path, format: &str) -> Result<ExitCode> {
+    if !path.exists() {
+        return Err(Usage(format!("{}: no such ledger", path.display())).into());
+    }
+    let reader = LedgerReader::open(path)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if format == "jsonl" {
+        reader.for_each_certificate(|row: CertificateRow| -> Result<()> {
+            serde_json::to_writer(&mut out, &row)?;
+            out.write_all(b"\n")?;
+            Ok(())
+        })?;
+    } else {
+        let mut csv = csv::Writer::from_writer(&mut out);
+        reader.for_each_certificate(|row: CertificateRow| -> Result<()> {
+            csv.serialize(&row)?;
+            Ok(())
+        })?;
+        csv.flush()?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn display_serial(serial: &str) -> &str {

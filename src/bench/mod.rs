@@ -8,6 +8,8 @@
 //!   certificate, PEM, certificate id. Raw ceiling: one ring signature
 //!   verification + one CA signature.
 
+mod batch;
+
 use std::sync::Barrier;
 use std::time::Instant;
 
@@ -37,6 +39,36 @@ pub struct BenchConfig {
     pub rounds: usize,
 }
 
+/// Runs [`run`], then the `batch` mode in a scratch folder under `dir`.
+pub fn run_with_batch(
+    config: &BenchConfig,
+    dir: &std::path::Path,
+) -> Result<Vec<BenchResult>, BenchError> {
+    let mut results = run(config)?;
+    let crypto = results
+        .iter()
+        .find(|r| r.mode == "station-key")
+        .map(|r| r.certs_per_sec)
+        .unwrap_or(1.0);
+    let scratch = tempfile_in(dir)?;
+    let clock = SystemClock;
+    let ca = LocalCa::ephemeral(
+        &CaInit::new(config.ca_key, "provline bench CA"),
+        clock.now(),
+    )
+    .map_err(|e| BenchError(e.to_string()))?;
+    let result = batch::run(config, &ca, crypto, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    results.push(result?);
+    Ok(results)
+}
+
+fn tempfile_in(dir: &std::path::Path) -> Result<std::path::PathBuf, BenchError> {
+    let path = dir.join(format!(".provline-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&path).map_err(|e| BenchError(format!("{}: {e}", path.display())))?;
+    Ok(path)
+}
+
 /// One mode's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
@@ -56,6 +88,9 @@ pub struct BenchResult {
     pub raw_ceiling_per_sec: f64,
     /// `certs_per_sec / raw_ceiling_per_sec`.
     pub efficiency: f64,
+    /// `batch` mode: F, bare file writes per second for the same output.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files_per_sec: Option<f64>,
 }
 
 /// Why a benchmark could not run.
@@ -244,6 +279,7 @@ pub fn run(config: &BenchConfig) -> Result<Vec<BenchResult>, BenchError> {
             certs_per_sec,
             raw_ceiling_per_sec,
             efficiency: certs_per_sec / raw_ceiling_per_sec,
+            files_per_sec: None,
         });
     }
     Ok(results)

@@ -426,7 +426,9 @@ impl LocalCa {
             rcgen::DnType::CommonName,
             rcgen::DnValue::Utf8String(code.to_string()),
         );
-        let mut params = self.leaf_params(subject, Duration::days(365), BACKDATE, now)?;
+        let cert_serial = self.new_serial()?;
+        let mut params =
+            self.leaf_params(subject, &cert_serial, Duration::days(365), BACKDATE, now);
         params.extended_key_usages.clear();
         self.sign_leaf(params, key.public_key())
     }

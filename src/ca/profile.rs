@@ -188,13 +188,36 @@ impl IssuedCert {
 
 impl LocalCa {
     /// Issues a device certificate for `key`: CN = `thing_name`,
-    /// serialNumber = `device_serial`, the rest from `profile`.
+    /// serialNumber = `device_serial`, the rest from `profile`, under a
+    /// fresh random certificate serial.
     pub fn issue_device(
         &self,
         profile: &DeviceProfile,
         thing_name: &str,
         device_serial: &str,
         key: &PublicKey,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCert, IssueError> {
+        let cert_serial = self.new_serial()?;
+        self.issue_device_as(profile, thing_name, device_serial, key, &cert_serial, now)
+    }
+
+    /// A fresh random certificate serial, for recording the intent before
+    /// [`LocalCa::issue_device_as`] signs under it.
+    pub fn new_serial(&self) -> Result<[u8; serial::SERIAL_LEN], IssueError> {
+        serial::random(&self.rng)
+            .map_err(|_| IssueError::Sign("no randomness for the serial".into()))
+    }
+
+    /// [`LocalCa::issue_device`] under a certificate serial chosen (and
+    /// recorded) beforehand.
+    pub fn issue_device_as(
+        &self,
+        profile: &DeviceProfile,
+        thing_name: &str,
+        device_serial: &str,
+        key: &PublicKey,
+        cert_serial: &[u8],
         now: OffsetDateTime,
     ) -> Result<IssuedCert, IssueError> {
         let mut subject = DistinguishedName::new();
@@ -206,7 +229,13 @@ impl LocalCa {
             DnType::CustomDnType(OID_SERIAL_NUMBER.to_vec()),
             dn::printable("serialNumber", device_serial, 64)?,
         );
-        let params = self.leaf_params(subject, profile.validity, profile.backdate, now)?;
+        let params = self.leaf_params(
+            subject,
+            cert_serial,
+            profile.validity,
+            profile.backdate,
+            now,
+        );
         self.sign_leaf(params, key)
     }
 
@@ -215,22 +244,21 @@ impl LocalCa {
     pub(super) fn leaf_params(
         &self,
         subject: DistinguishedName,
+        cert_serial: &[u8],
         validity: Duration,
         backdate: Duration,
         now: OffsetDateTime,
-    ) -> Result<CertificateParams, IssueError> {
+    ) -> CertificateParams {
         let mut params = CertificateParams::default();
         params.distinguished_name = subject;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        let serial = serial::random(&self.rng)
-            .map_err(|_| IssueError::Sign("no randomness for the serial".into()))?;
-        params.serial_number = Some(serial.to_vec().into());
+        params.serial_number = Some(cert_serial.to_vec().into());
         params.not_before = now - backdate;
         params.not_after = (now + validity).min(self.not_after);
-        Ok(params)
+        params
     }
 
     pub(super) fn sign_leaf(

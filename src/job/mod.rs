@@ -24,6 +24,10 @@ pub struct JobConfig {
     pub thing_name_pattern: String,
     /// Key type when the row gives none.
     pub default_key: KeyType,
+    /// Refuse repeated serials and thing names while reading. This keeps
+    /// every serial in memory; a pipeline with a ledger leaves it to the
+    /// ledger and reads a job of any size in constant memory.
+    pub track_duplicates: bool,
 }
 
 impl Default for JobConfig {
@@ -31,6 +35,7 @@ impl Default for JobConfig {
         JobConfig {
             thing_name_pattern: DEFAULT_PATTERN.into(),
             default_key: KeyType::P256,
+            track_duplicates: true,
         }
     }
 }
@@ -236,20 +241,18 @@ impl JobReader {
                 )
             }
         };
-        if let Some(first) = self.seen_serials.get(&serial) {
-            return refuse(
-                fail,
-                format!("duplicate serial {serial} (first on line {first})"),
-            );
+        if self.config.track_duplicates {
+            if let Some(first) = self.seen_serials.get(&serial) {
+                let problem = format!("duplicate serial {serial} (first on line {first})");
+                return refuse(fail, problem);
+            }
+            if let Some(first) = self.seen_names.get(&thing_name) {
+                let problem = format!("duplicate thing name {thing_name} (first on line {first})");
+                return refuse(fail, problem);
+            }
+            self.seen_serials.insert(serial.clone(), line);
+            self.seen_names.insert(thing_name.clone(), line);
         }
-        if let Some(first) = self.seen_names.get(&thing_name) {
-            return refuse(
-                fail,
-                format!("duplicate thing name {thing_name} (first on line {first})"),
-            );
-        }
-        self.seen_serials.insert(serial.clone(), line);
-        self.seen_names.insert(thing_name.clone(), line);
         let attributes = self
             .header
             .iter()

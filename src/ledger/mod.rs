@@ -66,7 +66,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use time::OffsetDateTime;
 
 use crate::clock::{Clock, SystemClock};
@@ -250,6 +250,17 @@ impl Ledger {
         device: &PlannedDevice,
         reissue: bool,
     ) -> Result<PlanOutcome, LedgerError> {
+        self.submit_plan(job, device, reissue)?.wait()
+    }
+
+    /// [`Ledger::plan`] without waiting: queue it now, [`Pending::wait`]
+    /// for the answer later, so that many operations share one commit.
+    pub fn submit_plan(
+        &self,
+        job: &JobId,
+        device: &PlannedDevice,
+        reissue: bool,
+    ) -> Result<Pending<PlanOutcome>, LedgerError> {
         let op = PlanOp {
             job: job.clone(),
             device: device.clone(),
@@ -265,14 +276,24 @@ impl Ledger {
             },
             &describe,
         )?;
-        answer.recv().map_err(|_| self.stopped(&describe))?
+        Ok(self.pending(answer, describe))
     }
 
     /// Moves device `serial` forward to `to` (`key_ready`, `registered`,
     /// `delivered`, `verified`); a no-op if it is there already. `issued`
     /// comes from [`Ledger::record_issued`], `failed` from [`Ledger::fail`].
     pub fn advance(&self, serial: &str, to: DeviceState, detail: &str) -> Result<(), LedgerError> {
-        self.write(WriteOp::Advance {
+        self.submit_advance(serial, to, detail)?.wait()
+    }
+
+    /// [`Ledger::advance`] without waiting.
+    pub fn submit_advance(
+        &self,
+        serial: &str,
+        to: DeviceState,
+        detail: &str,
+    ) -> Result<Pending<()>, LedgerError> {
+        self.submit(WriteOp::Advance {
             serial: serial.to_string(),
             to,
             detail: detail.to_string(),
@@ -282,7 +303,12 @@ impl Ledger {
     /// Records that device `serial` failed, and why; a pending intent of
     /// it is superseded.
     pub fn fail(&self, serial: &str, reason: &str) -> Result<(), LedgerError> {
-        self.write(WriteOp::Fail {
+        self.submit_fail(serial, reason)?.wait()
+    }
+
+    /// [`Ledger::fail`] without waiting.
+    pub fn submit_fail(&self, serial: &str, reason: &str) -> Result<Pending<()>, LedgerError> {
+        self.submit(WriteOp::Fail {
             serial: serial.to_string(),
             reason: reason.to_string(),
         })
@@ -298,10 +324,21 @@ impl Ledger {
         cert_serial: &str,
         public_key: &[u8],
     ) -> Result<(), LedgerError> {
+        self.submit_intent(serial, cert_serial, public_key)?.wait()
+    }
+
+    /// [`Ledger::record_intent`] without waiting: sign only after
+    /// [`Pending::wait`] returned `Ok`.
+    pub fn submit_intent(
+        &self,
+        serial: &str,
+        cert_serial: &str,
+        public_key: &[u8],
+    ) -> Result<Pending<()>, LedgerError> {
         let cert_serial = self.cert_serial(cert_serial, || {
             format!("recording intent for device {serial}")
         })?;
-        self.write(WriteOp::Intent {
+        self.submit(WriteOp::Intent {
             serial: serial.to_string(),
             cert_serial,
             public_key: types::sha256_hex(public_key),
@@ -317,27 +354,41 @@ impl Ledger {
         der: &[u8],
         not_after: OffsetDateTime,
     ) -> Result<String, LedgerError> {
+        let certificate_id = types::sha256_hex(der);
+        self.submit_issued(cert_serial, der, &certificate_id, not_after)?
+            .wait()?;
+        Ok(certificate_id)
+    }
+
+    /// [`Ledger::record_issued`] without waiting, for a certificate whose
+    /// id (SHA-256 hex of `der`) the caller computed already.
+    pub fn submit_issued(
+        &self,
+        cert_serial: &str,
+        der: &[u8],
+        certificate_id: &str,
+        not_after: OffsetDateTime,
+    ) -> Result<Pending<()>, LedgerError> {
         let cert_serial = self.cert_serial(cert_serial, || {
             format!("recording certificate {cert_serial}")
         })?;
-        let certificate_id = types::sha256_hex(der);
-        self.write(WriteOp::Issued {
+        self.submit(WriteOp::Issued {
             cert_serial,
             der: der.to_vec(),
-            certificate_id: certificate_id.clone(),
+            certificate_id: certificate_id.to_string(),
             not_after: timestamp_seconds(not_after),
-        })?;
-        Ok(certificate_id)
+        })
     }
 
     /// Supersedes the live certificate (and any pending intent) of device
     /// `serial` for `reason`; the device goes back to `planned`. Nothing to
     /// supersede is not an error.
     pub fn supersede(&self, serial: &str, reason: &str) -> Result<(), LedgerError> {
-        self.write(WriteOp::Supersede {
+        self.submit(WriteOp::Supersede {
             serial: serial.to_string(),
             reason: reason.to_string(),
-        })
+        })?
+        .wait()
     }
 
     /// Where device `serial` stands, if it is in the ledger.
@@ -399,7 +450,7 @@ impl Ledger {
         }
     }
 
-    fn write(&self, op: WriteOp) -> Result<(), LedgerError> {
+    fn submit(&self, op: WriteOp) -> Result<Pending<()>, LedgerError> {
         let describe = op.describe();
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.send(
@@ -410,7 +461,34 @@ impl Ledger {
             },
             &describe,
         )?;
-        answer.recv().map_err(|_| self.stopped(&describe))?
+        Ok(self.pending(answer, describe))
+    }
+
+    fn pending<T>(&self, answer: Receiver<Result<T, LedgerError>>, describe: String) -> Pending<T> {
+        Pending {
+            answer,
+            path: self.path.clone(),
+            describe,
+        }
+    }
+}
+
+/// An operation queued for the writer; its answer comes after its commit.
+#[derive(Debug)]
+#[must_use = "an operation is durable only once its answer came"]
+pub struct Pending<T> {
+    answer: Receiver<Result<T, LedgerError>>,
+    path: PathBuf,
+    describe: String,
+}
+
+impl<T> Pending<T> {
+    /// Waits for the commit (or the refusal) of the operation.
+    pub fn wait(self) -> Result<T, LedgerError> {
+        self.answer.recv().map_err(|_| LedgerError::WriterStopped {
+            path: self.path,
+            op: self.describe,
+        })?
     }
 }
 

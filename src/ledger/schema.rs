@@ -31,6 +31,7 @@ CREATE TABLE devices (
     PRIMARY KEY (ca, serial)
 ) WITHOUT ROWID;
 CREATE INDEX devices_by_job ON devices (job_file, job_label, ca);
+CREATE UNIQUE INDEX devices_one_thing_name ON devices (ca, thing_name);
 
 CREATE TABLE certificates (
     id              INTEGER PRIMARY KEY,
@@ -85,7 +86,12 @@ fn sqlite_err<'a>(path: &'a Path, op: &str) -> impl FnOnce(rusqlite::Error) -> L
 /// Opens the writing connection: WAL, the durability asked for, foreign
 /// keys on, and the schema migrated to [`SCHEMA_VERSION`].
 pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connection, LedgerError> {
-    let conn = Connection::open(path).map_err(sqlite_err(path, "opening"))?;
+    // One thread owns this connection: SQLite's own locking is not needed.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(path, flags).map_err(sqlite_err(path, "opening"))?;
     // Every statement of the writer stays prepared (the default cache holds 16).
     conn.set_prepared_statement_cache_capacity(64);
     conn.busy_timeout(Duration::from_secs(5))

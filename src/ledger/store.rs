@@ -151,6 +151,19 @@ pub(crate) fn job_devices(
     rows.collect()
 }
 
+/// The device (and its job line) that already has `thing_name` under `ca`.
+fn thing_name_holder(
+    conn: &Connection,
+    ca: &CaId,
+    thing_name: &str,
+) -> rusqlite::Result<Option<(String, i64)>> {
+    conn.prepare_cached("SELECT serial, line FROM devices WHERE ca = ?1 AND thing_name = ?2")?
+        .query_row(params![ca.as_str(), thing_name], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .optional()
+}
+
 fn line_sql(line: u64) -> i64 {
     i64::try_from(line).unwrap_or(i64::MAX)
 }
@@ -164,6 +177,18 @@ pub(crate) fn plan(
     let dev = &op.device;
     let sql = |e| ctx.sqlite(op.describe(), e);
     let Some(existing) = device_status(conn, ctx.ca, &dev.serial).map_err(sql)? else {
+        if let Some((holder, line)) =
+            thing_name_holder(conn, ctx.ca, &dev.thing_name).map_err(sql)?
+        {
+            return Err(LedgerError::Invalid {
+                path: ctx.path.to_path_buf(),
+                op: op.describe(),
+                problem: format!(
+                    "thing name {} already belongs to device {holder} (line {line})",
+                    dev.thing_name
+                ),
+            });
+        }
         conn.prepare_cached(
             "INSERT INTO devices (ca, serial, thing_name, job_file, job_label, line, state, created, updated) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'planned', ?7, ?7)",

@@ -149,8 +149,16 @@ impl Writer {
     }
 
     /// Applies and commits `batch`, leaving each request's result in place.
+    ///
+    /// First without savepoints: a savepoint copies every page an operation
+    /// touches into its journal, which costs more than the operation, and
+    /// refusals are rare. If any operation is refused, that attempt is rolled
+    /// back and the batch runs again with one savepoint per operation, so
+    /// the refused one rolls back alone.
     fn commit(&mut self, batch: &mut [Request]) {
-        if batch.len() > 1 && self.commit_together(batch) {
+        if batch.len() > 1
+            && (self.commit_together(batch, false) || self.commit_together(batch, true))
+        {
             return;
         }
         for req in batch.iter_mut() {
@@ -159,20 +167,29 @@ impl Writer {
     }
 
     /// One transaction for the whole batch; false if it did not commit.
-    fn commit_together(&self, batch: &mut [Request]) -> bool {
+    /// Without `savepoints`, a refused operation makes it give up.
+    fn commit_together(&self, batch: &mut [Request], savepoints: bool) -> bool {
         if self.exec("BEGIN IMMEDIATE").is_err() {
             return false;
         }
+        let ctx = self.ctx();
         for req in batch.iter_mut() {
-            if self.exec("SAVEPOINT op").is_err() {
+            if savepoints && self.exec("SAVEPOINT op").is_err() {
                 self.rollback();
                 return false;
             }
-            let ok = req.apply(&self.conn, &self.ctx());
+            let ok = req.apply(&self.conn, &ctx);
             // SQLite rolls the whole transaction back on some errors
             // (SQLITE_FULL, SQLITE_IOERR, ...): then the batch is lost.
             if self.conn.is_autocommit() {
                 return false;
+            }
+            if !savepoints {
+                if !ok {
+                    self.rollback();
+                    return false;
+                }
+                continue;
             }
             let end = if ok {
                 "RELEASE op"

@@ -114,22 +114,30 @@ impl BundleWriter {
     }
 
     /// Writes a device's folder. Refuses if it already holds a certificate.
+    ///
+    /// The files are written into a temporary folder beside it
+    /// (`.<thing_name>.partial`), which is then renamed into place: the
+    /// device's folder appears complete or not at all, with one rename for
+    /// the bundle rather than one per file.
     pub fn write(&self, bundle: &Bundle<'_>) -> Result<PathBuf, OutputError> {
         let dir = self.device_dir(bundle.thing_name);
         let cert_path = dir.join(CERT_FILE);
-        match fs::create_dir(&dir) {
+        if cert_path.exists() {
+            return Err(OutputError::AlreadyIssued { path: cert_path });
+        }
+        let partial = self.out.join(format!(".{}.partial", bundle.thing_name));
+        match fs::create_dir(&partial) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                if cert_path.exists() {
-                    return Err(OutputError::AlreadyIssued { path: cert_path });
-                }
+                // Left by a run that was killed: nothing in it was delivered.
+                fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
+                fs::create_dir(&partial).map_err(io_err(&partial))?;
             }
-            Err(e) => return Err(io_err(&dir)(e)),
+            Err(e) => return Err(io_err(&partial)(e)),
         }
         let write = |name: &str, text: &str, mode| {
-            let path = dir.join(name);
-            fsx::write_atomic(&path, text.as_bytes(), mode, Durability::Rename)
-                .map_err(io_err(&path))
+            let path = partial.join(name);
+            fsx::write_new_file(&path, text.as_bytes(), mode).map_err(io_err(&path))
         };
         if let Some(key) = bundle.private_key_pem {
             write(KEY_FILE, key, fsx::SECRET)?;
@@ -138,17 +146,18 @@ impl BundleWriter {
         chain.push_str(bundle.cert_pem);
         chain.push_str(bundle.ca_pem);
         write(CHAIN_FILE, &chain, fsx::PUBLIC)?;
-        // The root is the same public file for every device: a hard link
-        // costs one system call where a copy costs four.
-        let root = dir.join(ROOT_FILE);
-        match fs::hard_link(&self.root, &root) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(_) => write(ROOT_FILE, AMAZON_ROOT_CA1, fsx::PUBLIC)?,
-        }
-        // cert.pem last: its presence means the folder is complete.
         write(CERT_FILE, bundle.cert_pem, fsx::PUBLIC)?;
-        Ok(dir)
+        // The root is the same public file for every device: a hard link
+        // costs one system call where a copy costs three.
+        if fs::hard_link(&self.root, partial.join(ROOT_FILE)).is_err() {
+            write(ROOT_FILE, AMAZON_ROOT_CA1, fsx::PUBLIC)?;
+        }
+        match fs::rename(&partial, &dir) {
+            Ok(()) => Ok(dir),
+            // An empty folder of that name is replaced by the rename; one
+            // with files in it (not ours) stays, and so does the bundle.
+            Err(e) => Err(io_err(&dir)(e)),
+        }
     }
 }
 

@@ -1,28 +1,47 @@
-//! A batch job: rows in, credentials out, on every core.
+//! A batch job: rows in, credentials out, on every core, with every step
+//! in the ledger so a killed run finishes on the next.
 //!
 //! ```text
-//! reader thread ──(bounded)──> N workers: key or CSR -> sign -> bundle ──(bounded)──> manifest
+//! reader thread: CSV rows -> ledger plan (64 a chunk)
+//!     │ bounded
+//!     ▼
+//! N workers: key or CSR -> intent (committed) -> sign -> issued (committed) -> bundle -> delivered
+//!     │ bounded
+//!     ▼
+//! collector (tokio): manifest, progress, Ctrl-C
 //! ```
 //!
-//! Each stage is a function of its own ([`obtain_key`], [`provision`]) so
-//! the same steps serve the batch, the benchmark and the line.
+//! Each worker handles a chunk of devices at a time, queueing the chunk's
+//! ledger operations together so they share commits. The crypto and the
+//! file writes run on the workers (one per core); tokio orchestrates the
+//! collector and signals. Memory does not grow with the job: rows stream
+//! through bounded queues and uniqueness is checked by the ledger.
 
-use std::collections::HashMap;
+pub mod device;
+mod resume;
+
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use ring::rand::SystemRandom;
-use time::format_description::well_known::Rfc3339;
 
 use crate::ca::{DeviceProfile, LocalCa};
 use crate::clock::Clock;
-use crate::csr;
 use crate::job::{DeviceRequest, JobConfig, JobError, JobReader, KeySource, RowError};
-use crate::keygen::{self, DeviceKey, PublicKey};
-use crate::output::{
-    Bundle, BundleWriter, ManifestRow, ManifestWriter, OutputError, Status, CERT_FILE,
-};
+use crate::keygen::DeviceKey;
+use crate::ledger::{self, CaId, DeviceState, JobId, Ledger, LedgerError, LedgerOptions, Pending};
+use crate::output::bulk::{self, BulkLine, BulkWriter};
+use crate::output::{BundleWriter, ManifestRow, ManifestWriter, OutputError};
+use crate::progress::Outcome;
+use device::{failed_row, issued_row, obtain_key, row_error};
+use resume::Action;
+
+pub use device::KeyMaterial;
+
+/// Devices a worker takes at once; their ledger operations share commits.
+const CHUNK: usize = 64;
 
 /// What a batch needs besides the CA.
 #[derive(Debug, Clone)]
@@ -31,33 +50,45 @@ pub struct BatchConfig {
     pub job: PathBuf,
     /// The output folder.
     pub out: PathBuf,
-    /// Worker threads for the crypto.
+    /// Worker threads for the crypto and the files.
     pub threads: usize,
     /// How rows become devices.
     pub job_config: JobConfig,
     /// The certificate profile.
     pub profile: DeviceProfile,
+    /// The ledger file.
+    pub ledger: PathBuf,
+    /// What a ledger commit survives.
+    pub durability: ledger::Durability,
+    /// Re-issue devices the ledger holds from another job.
+    pub reissue: bool,
+    /// Also write bulk-registration JSONL here.
+    pub bulk_jsonl: Option<PathBuf>,
 }
 
 /// What a batch did.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct BatchSummary {
-    /// Devices with credentials written.
+    /// Devices issued and written in this run.
     pub issued: u64,
+    /// Devices an earlier run had finished, left as they were.
+    pub skipped: u64,
     /// Devices that failed (each in the manifest with its reason).
     pub failed: u64,
+    /// Whether Ctrl-C stopped the run before the end of the job.
+    pub interrupted: bool,
     /// Wall time.
     pub seconds: f64,
 }
 
 impl BatchSummary {
-    /// Devices per second, failed ones included.
+    /// Devices handled per second.
     pub fn rate(&self) -> f64 {
-        (self.issued + self.failed) as f64 / self.seconds.max(1e-9)
+        (self.issued + self.failed + self.skipped) as f64 / self.seconds.max(1e-9)
     }
 }
 
-/// A batch that could not start or could not finish its output.
+/// A batch that could not start, or had to stop.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BatchError {
@@ -73,226 +104,12 @@ pub enum BatchError {
     /// The profile's fixed subject fields are invalid.
     #[error("certificate profile: {0}")]
     Profile(#[from] crate::ca::dn::DnError),
-}
-
-/// A device's public key, and its private key when the station made it.
-#[derive(Debug)]
-pub struct KeyMaterial {
-    /// The key to certify.
-    pub public: PublicKey,
-    /// The private key, station mode only.
-    pub private: Option<DeviceKey>,
-}
-
-/// Stage 1: a fresh key from the station, or the checked key of the device's CSR.
-pub fn obtain_key(source: &KeySource, rng: &SystemRandom) -> Result<KeyMaterial, String> {
-    match source {
-        KeySource::Station(key) => {
-            let key = keygen::generate(*key, rng).map_err(|e| e.to_string())?;
-            Ok(KeyMaterial {
-                public: key.public_key().clone(),
-                private: Some(key),
-            })
-        }
-        KeySource::Csr(path) => {
-            let bytes = std::fs::read(path).map_err(|e| format!("CSR {}: {e}", path.display()))?;
-            let checked = csr::check(&bytes).map_err(|e| format!("CSR {}: {e}", path.display()))?;
-            Ok(KeyMaterial {
-                public: checked.public_key,
-                private: None,
-            })
-        }
-    }
-}
-
-/// Public keys already certified in this run, so no key is certified twice.
-#[derive(Debug, Default)]
-pub struct SeenKeys(Mutex<HashMap<[u8; 32], u64>>);
-
-impl SeenKeys {
-    /// Records `key` for `line`; the line that had it first if it was seen.
-    pub fn first_use(&self, key: &PublicKey, line: u64) -> Option<u64> {
-        let digest = ring::digest::digest(&ring::digest::SHA256, key.raw());
-        let mut id = [0u8; 32];
-        id.copy_from_slice(digest.as_ref());
-        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match seen.get(&id) {
-            Some(first) => Some(*first),
-            None => {
-                seen.insert(id, line);
-                None
-            }
-        }
-    }
-}
-
-/// Everything a worker shares.
-#[derive(Debug)]
-pub struct Provisioner<'a> {
-    /// The CA.
-    pub ca: &'a LocalCa,
-    /// The profile.
-    pub profile: &'a DeviceProfile,
-    /// The output.
-    pub writer: &'a BundleWriter,
-    /// The clock.
-    pub clock: &'a dyn Clock,
-    /// Keys certified so far.
-    pub seen: &'a SeenKeys,
-}
-
-/// Stages 1-3 for one device: key, certificate, bundle.
-pub fn provision(p: &Provisioner<'_>, req: &DeviceRequest, rng: &SystemRandom) -> ManifestRow {
-    match provision_inner(p, req, rng) {
-        Ok(row) => row,
-        Err(problem) => failed_row(&RowError {
-            line: req.line,
-            serial: req.serial.clone(),
-            thing_name: req.thing_name.clone(),
-            problem,
-        }),
-    }
-}
-
-fn provision_inner(
-    p: &Provisioner<'_>,
-    req: &DeviceRequest,
-    rng: &SystemRandom,
-) -> Result<ManifestRow, String> {
-    let existing = p.writer.device_dir(&req.thing_name).join(CERT_FILE);
-    if existing.exists() {
-        return Err(format!(
-            "{} already holds a certificate for this device",
-            existing.display()
-        ));
-    }
-    let key = obtain_key(&req.key, rng)?;
-    if key.private.is_none() {
-        if let Some(first) = p.seen.first_use(&key.public, req.line) {
-            return Err(format!(
-                "the CSR's public key was already certified for line {first}"
-            ));
-        }
-    }
-    let cert =
-        p.ca.issue_device(
-            p.profile,
-            &req.thing_name,
-            &req.serial,
-            &key.public,
-            p.clock.now(),
-        )
-        .map_err(|e| e.to_string())?;
-    let cert_pem = cert.pem();
-    let key_pem = key.private.as_ref().map(DeviceKey::pkcs8_pem);
-    p.writer
-        .write(&Bundle {
-            thing_name: &req.thing_name,
-            cert_pem: &cert_pem,
-            ca_pem: p.ca.cert_pem(),
-            private_key_pem: key_pem.as_deref(),
-        })
-        .map_err(|e| e.to_string())?;
-    Ok(ManifestRow {
-        serial: req.serial.clone(),
-        thing_name: req.thing_name.clone(),
-        certificate_id: cert.certificate_id(),
-        cert_serial: cert.serial_hex(),
-        not_after: cert.not_after.format(&Rfc3339).unwrap_or_default(),
-        status: Status::Issued,
-        error: String::new(),
-    })
-}
-
-/// The manifest row of a device that got nothing.
-pub fn failed_row(err: &RowError) -> ManifestRow {
-    ManifestRow {
-        serial: err.serial.clone(),
-        thing_name: err.thing_name.clone(),
-        certificate_id: String::new(),
-        cert_serial: String::new(),
-        not_after: String::new(),
-        status: Status::Failed,
-        error: err.to_string(),
-    }
-}
-
-/// Runs a whole batch. `observe` sees every manifest row as it is written.
-pub fn run(
-    ca: &LocalCa,
-    config: &BatchConfig,
-    clock: &dyn Clock,
-    observe: &mut dyn FnMut(&ManifestRow),
-) -> Result<BatchSummary, BatchError> {
-    let started = Instant::now();
-    config.profile.fixed_subject()?;
-    let mut rows = JobReader::open(&config.job, config.job_config.clone())?.peekable();
-    if rows.peek().is_none() {
-        return Err(BatchError::EmptyJob(config.job.clone()));
-    }
-    let writer = BundleWriter::create(&config.out)?;
-    let mut manifest = ManifestWriter::create(&config.out)?;
-    let seen = SeenKeys::default();
-    let provisioner = Provisioner {
-        ca,
-        profile: &config.profile,
-        writer: &writer,
-        clock,
-        seen: &seen,
-    };
-    let threads = config.threads.max(1);
-    let (work_tx, work_rx) =
-        crossbeam_channel::bounded::<Result<DeviceRequest, RowError>>(threads * 64);
-    let (done_tx, done_rx) = crossbeam_channel::bounded::<ManifestRow>(threads * 64);
-    let mut summary = BatchSummary {
-        issued: 0,
-        failed: 0,
-        seconds: 0.0,
-    };
-    let mut write_error = None;
-    std::thread::scope(|scope| {
-        scope.spawn(move || {
-            for row in rows {
-                if work_tx.send(row).is_err() {
-                    break;
-                }
-            }
-        });
-        for _ in 0..threads {
-            let work_rx = work_rx.clone();
-            let done_tx = done_tx.clone();
-            let provisioner = &provisioner;
-            scope.spawn(move || {
-                let rng = SystemRandom::new();
-                for item in work_rx {
-                    let row = match item {
-                        Ok(req) => provision(provisioner, &req, &rng),
-                        Err(err) => failed_row(&err),
-                    };
-                    if done_tx.send(row).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        drop(done_tx);
-        for row in done_rx {
-            match row.status {
-                Status::Issued => summary.issued += 1,
-                Status::Failed => summary.failed += 1,
-            }
-            observe(&row);
-            if write_error.is_none() {
-                write_error = manifest.push(&row).err();
-            }
-        }
-    });
-    if let Some(e) = write_error {
-        return Err(e.into());
-    }
-    manifest.finish()?;
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
+    /// The ledger cannot be opened or written.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// Orchestration failed to start.
+    #[error("starting the pipeline: {0}")]
+    Runtime(String),
 }
 
 /// The default output folder for a job.
@@ -302,4 +119,349 @@ pub fn default_out(job: &Path) -> PathBuf {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     PathBuf::from(format!("provline-out/{stem}"))
+}
+
+/// The default ledger of an output folder: `OUT.ledger.sqlite` beside it.
+pub fn default_ledger(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    out.with_file_name(format!("{name}.ledger.sqlite"))
+}
+
+/// What workers share.
+pub(crate) struct Shared<'a> {
+    ca: &'a LocalCa,
+    profile: &'a DeviceProfile,
+    writer: &'a BundleWriter,
+    ledger: &'a Ledger,
+    bulk: Option<&'a BulkWriter>,
+    clock: &'a dyn Clock,
+    stop: &'a AtomicBool,
+    fatal: Mutex<Option<BatchError>>,
+}
+
+impl Shared<'_> {
+    /// Stops the run for an error no device can get past (full disk, ledger gone).
+    pub(crate) fn abort(&self, err: BatchError) {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut fatal = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
+        fatal.get_or_insert(err);
+    }
+}
+
+/// Whether a ledger error stops the whole run rather than one device.
+pub(crate) fn is_fatal(e: &LedgerError) -> bool {
+    e.is_disk_full()
+        || matches!(e, LedgerError::WriterStopped { .. })
+        || matches!(e, LedgerError::Sqlite { .. })
+}
+
+fn is_disk_full(e: &OutputError) -> bool {
+    matches!(e, OutputError::Io { source, .. } if source.raw_os_error() == Some(28))
+}
+
+/// Runs a whole batch. `observe` sees every manifest row as it is written.
+/// `stop` ends the run early (Ctrl-C sets it too): devices in flight finish.
+pub fn run(
+    ca: &LocalCa,
+    config: &BatchConfig,
+    clock: &dyn Clock,
+    stop: &AtomicBool,
+    observe: &mut dyn FnMut(&ManifestRow, Outcome),
+) -> Result<BatchSummary, BatchError> {
+    let started = Instant::now();
+    config.profile.fixed_subject()?;
+    let job_config = JobConfig {
+        track_duplicates: false,
+        ..config.job_config.clone()
+    };
+    let mut rows = JobReader::open(&config.job, job_config)?.peekable();
+    if rows.peek().is_none() {
+        return Err(BatchError::EmptyJob(config.job.clone()));
+    }
+    let writer = BundleWriter::create(&config.out)?;
+    let ledger = Ledger::open(
+        &config.ledger,
+        CaId::of_certificate(ca.cert_der()),
+        LedgerOptions {
+            durability: config.durability,
+            ..LedgerOptions::default()
+        },
+    )?;
+    let job_file = std::fs::canonicalize(&config.job).unwrap_or_else(|_| config.job.clone());
+    let job_id = JobId::new(job_file, "");
+    let mut manifest = ManifestWriter::create(&config.out)?;
+    let bulk = config
+        .bulk_jsonl
+        .as_deref()
+        .map(BulkWriter::create)
+        .transpose()?;
+    let shared = Shared {
+        ca,
+        profile: &config.profile,
+        writer: &writer,
+        ledger: &ledger,
+        bulk: bulk.as_ref(),
+        clock,
+        stop,
+        fatal: Mutex::new(None),
+    };
+    let threads = config.threads.max(1);
+    let (work_tx, work_rx) =
+        crossbeam_channel::bounded::<Vec<(DeviceRequest, Action)>>(threads * 2);
+    let (done_tx, mut done_rx) =
+        tokio::sync::mpsc::channel::<(ManifestRow, Outcome)>(threads * CHUNK * 2);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BatchError::Runtime(e.to_string()))?;
+    let mut summary = BatchSummary::default();
+    let mut write_error = None;
+    std::thread::scope(|scope| {
+        let shared = &shared;
+        let reader_done = done_tx.clone();
+        let job_id = &job_id;
+        let reissue = config.reissue;
+        scope.spawn(move || {
+            resume::read_and_plan(shared, rows, job_id, reissue, &work_tx, &reader_done)
+        });
+        for _ in 0..threads {
+            let work_rx = work_rx.clone();
+            let done_tx = done_tx.clone();
+            scope.spawn(move || {
+                let rng = SystemRandom::new();
+                for chunk in work_rx {
+                    work_chunk(shared, chunk, &rng, &done_tx);
+                }
+            });
+        }
+        drop(done_tx);
+        runtime.block_on(async {
+            let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+            let mut listening = true;
+            loop {
+                tokio::select! {
+                    row = done_rx.recv() => {
+                        let Some((row, outcome)) = row else { break };
+                        match outcome {
+                            Outcome::Done => summary.issued += 1,
+                            Outcome::Skipped => summary.skipped += 1,
+                            Outcome::Failed => summary.failed += 1,
+                        }
+                        observe(&row, outcome);
+                        if write_error.is_none() {
+                            write_error = manifest.push(&row).err();
+                        }
+                    }
+                    _ = &mut ctrl_c, if listening => {
+                        listening = false;
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+        });
+    });
+    summary.interrupted = stop.load(Ordering::SeqCst);
+    if let Some(err) = shared.fatal.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(err);
+    }
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    manifest.finish()?;
+    if let Some(bulk) = bulk {
+        bulk.finish()?;
+    }
+    ledger.close()?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+pub(crate) type Done = tokio::sync::mpsc::Sender<(ManifestRow, Outcome)>;
+
+pub(crate) fn send(done: &Done, row: ManifestRow, outcome: Outcome) {
+    // The collector only goes away when the run is over.
+    let _ = done.blocking_send((row, outcome));
+}
+
+/// A device between its stages.
+struct Staged {
+    req: DeviceRequest,
+    key: KeyMaterial,
+    cert_serial: [u8; crate::ca::serial::SERIAL_LEN],
+}
+
+/// One chunk of devices through every stage, ledger operations queued
+/// together at each step so they share commits.
+fn work_chunk(
+    shared: &Shared<'_>,
+    chunk: Vec<(DeviceRequest, Action)>,
+    rng: &SystemRandom,
+    done: &Done,
+) {
+    let fail = |req: &DeviceRequest, problem: String| {
+        if let Ok(pending) = shared.ledger.submit_fail(&req.serial, &problem) {
+            let _ = pending.wait();
+        }
+        send(done, failed_row(&row_error(req, problem)), Outcome::Failed);
+    };
+    let ledger_failed = |req: &DeviceRequest, e: LedgerError| {
+        let problem = e.to_string();
+        if is_fatal(&e) {
+            shared.abort(BatchError::Ledger(e));
+        }
+        send(done, failed_row(&row_error(req, problem)), Outcome::Failed);
+    };
+    // Stage 1: keys, and intents queued.
+    let mut intents: Vec<(Staged, Pending<()>)> = Vec::with_capacity(chunk.len());
+    for (req, action) in chunk {
+        match resume::prepare(shared, &req, action) {
+            Ok(None) => {}
+            Ok(Some((row, outcome))) => {
+                send(done, row, outcome);
+                continue;
+            }
+            Err(problem) => {
+                fail(&req, problem);
+                continue;
+            }
+        }
+        let key = match obtain_key(&req.key, rng) {
+            Ok(key) => key,
+            Err(problem) => {
+                fail(&req, problem);
+                continue;
+            }
+        };
+        let cert_serial = match shared.ca.new_serial() {
+            Ok(s) => s,
+            Err(e) => {
+                fail(&req, e.to_string());
+                continue;
+            }
+        };
+        let hex = crate::ca::serial::hex(&cert_serial);
+        match shared
+            .ledger
+            .submit_intent(&req.serial, &hex, key.public.raw())
+        {
+            Ok(pending) => intents.push((
+                Staged {
+                    req,
+                    key,
+                    cert_serial,
+                },
+                pending,
+            )),
+            Err(e) => ledger_failed(&req, e),
+        }
+    }
+    // Stage 2: sign what the ledger holds the intent of, queue the records.
+    let mut issued = Vec::with_capacity(intents.len());
+    for (staged, pending) in intents {
+        if let Err(e) = pending.wait() {
+            ledger_failed(&staged.req, e);
+            continue;
+        }
+        let cert = match device::sign(
+            shared.ca,
+            shared.profile,
+            &staged.req,
+            &staged.key.public,
+            &staged.cert_serial,
+            shared.clock.now(),
+        ) {
+            Ok(cert) => cert,
+            Err(problem) => {
+                fail(&staged.req, problem);
+                continue;
+            }
+        };
+        let certificate_id = cert.certificate_id();
+        match shared.ledger.submit_issued(
+            &cert.serial_hex(),
+            &cert.der,
+            &certificate_id,
+            cert.not_after,
+        ) {
+            Ok(pending) => issued.push((staged, cert, certificate_id, pending)),
+            Err(e) => ledger_failed(&staged.req, e),
+        }
+    }
+    // Stage 3: deliver what the ledger holds as issued.
+    let mut delivered = Vec::with_capacity(issued.len());
+    for (staged, cert, certificate_id, pending) in issued {
+        if let Err(e) = pending.wait() {
+            ledger_failed(&staged.req, e);
+            continue;
+        }
+        let cert_pem = cert.pem();
+        let key_pem = staged.key.private.as_ref().map(DeviceKey::pkcs8_pem);
+        if let Err(e) = shared.writer.write(&device::bundle(
+            &staged.req,
+            &cert_pem,
+            shared.ca.cert_pem(),
+            key_pem.as_deref(),
+        )) {
+            if is_disk_full(&e) {
+                shared.abort(BatchError::Output(OutputError::Io {
+                    path: shared.writer.out().to_path_buf(),
+                    source: std::io::Error::from_raw_os_error(28),
+                }));
+            }
+            fail(&staged.req, e.to_string());
+            continue;
+        }
+        if let Some(bulk) = shared.bulk {
+            if let Err(problem) = bulk_line(bulk, &staged) {
+                fail(&staged.req, problem);
+                continue;
+            }
+        }
+        match shared.ledger.submit_advance(
+            &staged.req.serial,
+            DeviceState::Delivered,
+            &certificate_id,
+        ) {
+            Ok(pending) => delivered.push((staged.req, cert, certificate_id, pending)),
+            Err(e) => ledger_failed(&staged.req, e),
+        }
+    }
+    for (req, cert, certificate_id, pending) in delivered {
+        match pending.wait() {
+            Ok(()) => send(
+                done,
+                issued_row(&req, &cert.serial_hex(), &certificate_id, cert.not_after),
+                Outcome::Done,
+            ),
+            Err(e) => ledger_failed(&req, e),
+        }
+    }
+}
+
+fn bulk_line(bulk: &BulkWriter, staged: &Staged) -> Result<(), String> {
+    let csr = match (&staged.key.csr, &staged.key.private) {
+        (Some(csr), _) => String::from_utf8_lossy(csr).into_owned(),
+        (None, Some(key)) => bulk::csr_for(key, &staged.req.thing_name)?,
+        (None, None) => return Err("no CSR for the bulk-registration file".into()),
+    };
+    bulk.push(&BulkLine {
+        thing_name: &staged.req.thing_name,
+        serial: &staged.req.serial,
+        csr: &csr,
+        attributes: &staged.req.attributes,
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// The key source of a request, for deciding how to resume it.
+pub(crate) fn from_csr(req: &DeviceRequest) -> bool {
+    matches!(req.key, KeySource::Csr(_))
+}
+
+/// Row errors the reader found before planning.
+pub(crate) fn reject(done: &Done, err: &RowError) {
+    send(done, failed_row(err), Outcome::Failed);
 }
