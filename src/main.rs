@@ -330,6 +330,9 @@ fn batch(cli: &Cli, args: &BatchArgs, clock: &dyn Clock) -> Result<ExitCode> {
         let template = JitpTemplate::from_file(path)?;
         template.check(&profile)?;
     }
+    if !args.job.is_file() {
+        return Err(Usage(format!("{}: no such job file", args.job.display())).into());
+    }
     let ca = match &args.ca {
         Some(dir) => LocalCa::load(dir, clock.now())?,
         None => dev_ca(Path::new(DEV_CA_DIR), clock, cli.quiet)?,

@@ -3,8 +3,11 @@
 //!
 //! ring makes the elliptic-curve keys on the hot path. ring cannot generate
 //! RSA keys, so RSA key generation goes to aws-lc-rs (the same AWS-LC that
-//! the AWS SDK's HTTPS client already builds), which is also about twice as
-//! fast as the pure-Rust `rsa` crate at it.
+//! the AWS SDK's HTTPS client already builds). Measured here, release build,
+//! two rounds of 20 RSA-2048 keys each, interleaved: aws-lc-rs 125 and 136 ms
+//! a key, the pure-Rust `rsa` 0.9 crate 362 and 207 ms (1.5x to 2.9x slower;
+//! prime search makes single keys vary widely). `rsa` 0.9 also carries the
+//! Marvin timing advisory (RUSTSEC-2023-0071); AWS-LC is constant-time.
 
 use std::fmt;
 use std::str::FromStr;

@@ -258,6 +258,13 @@ pub fn run(
                     _ = &mut ctrl_c, if listening => {
                         listening = false;
                         stop.store(true, Ordering::SeqCst);
+                        // A second Ctrl-C ends the process at once; the
+                        // ledger makes that safe, and the next run resumes.
+                        tokio::spawn(async {
+                            if tokio::signal::ctrl_c().await.is_ok() {
+                                std::process::exit(130);
+                            }
+                        });
                     }
                 }
             }
