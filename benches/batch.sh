@@ -17,7 +17,7 @@ cargo build --release --quiet
 bin=$PWD/target/release/provline
 work=$(mktemp -d "${TMPDIR:-/tmp}/provline-batch.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-job() { { echo serial; seq -f 'SN-%09g' 1 "$1"; } > "$2"; }
+job() { { echo serial; seq -f 'SN-%09.0f' 1 "$1"; } > "$2"; }
 rate() { "$python" -c 'import json,sys; print(json.load(sys.stdin)["devices_per_sec"])'; }
 
 echo "== batch against the crypto and the file system ($devices devices, 2 threads)"

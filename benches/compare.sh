@@ -33,7 +33,7 @@ end=$(date +%s.%N)
 ossl_rate=$(echo "$openssl_n / ($end - $start)" | bc -l)
 
 # provline batch over a job of the same kind of devices.
-{ echo serial; seq -f 'SN-%08g' 1 "$provline_n"; } > "$work/job.csv"
+{ echo serial; seq -f 'SN-%08.0f' 1 "$provline_n"; } > "$work/job.csv"
 "$bin" ca init --dir "$work/ca" -q
 prov_json=$("$bin" batch "$work/job.csv" --ca "$work/ca" --out "$work/out" --json)
 prov_rate=$(echo "$prov_json" | python3 -c 'import json,sys; print(json.load(sys.stdin)["devices_per_sec"])')

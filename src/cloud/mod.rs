@@ -2,4 +2,6 @@
 //! provisioning template against the certificate profile before any
 //! device is issued.
 
+pub mod limits;
+pub mod retry;
 pub mod template;
