@@ -11,6 +11,7 @@
 //! - [`keygen`]: device key pairs made by the station;
 //! - [`csr`]: CSRs made by devices, verified and checked against the allowlist;
 //! - [`ca`]: the local CA, its signer, the certificate profile, issuance;
+//! - [`device`]: the line's link protocol to devices: frames, messages, chunked transfers;
 //! - [`cloud`]: what AWS IoT Core needs from the station (JITP template checks);
 //! - [`ledger`]: the durable record of every device and certificate (SQLite);
 //! - [`output`]: device bundles, the manifest and bulk-registration JSONL, written atomically;
@@ -27,6 +28,7 @@ pub mod ca;
 pub mod clock;
 pub mod cloud;
 pub mod csr;
+pub mod device;
 pub mod fsx;
 pub mod job;
 pub mod keygen;

@@ -1,0 +1,26 @@
+//! Feeds arbitrary bytes to the device-link frame decoder, in pieces whose
+//! sizes the input also chooses, and round-trips every frame that decodes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use provline::device::{decode, encode, FrameDecoder};
+
+fuzz_target!(|input: &[u8]| {
+    let Some((&shape, bytes)) = input.split_first() else {
+        return;
+    };
+    let max_frame = 2 + usize::from(shape) * 8;
+    let piece = 1 + usize::from(shape % 17);
+    let mut decoder = FrameDecoder::new(max_frame);
+    for chunk in bytes.chunks(piece) {
+        decoder.push(chunk);
+        while let Some(result) = decoder.next_frame() {
+            if let Ok(frame) = result {
+                let wire = encode(&frame).expect("a decoded frame encodes");
+                assert_eq!(decode(&wire).expect("and decodes again"), frame);
+            }
+        }
+        assert!(decoder.buffered() < max_frame);
+    }
+    let _ = decode(bytes);
+});
