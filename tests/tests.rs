@@ -8,8 +8,11 @@ mod it {
     mod bad_inputs;
     mod bench;
     mod ca;
+    mod faults;
     mod jitp;
+    mod kill;
     mod profile;
+    mod resume;
     mod tls;
     mod verifiers;
 }

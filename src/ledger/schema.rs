@@ -96,6 +96,9 @@ pub(crate) fn open_writer(path: &Path, durability: Durability) -> Result<Connect
     conn.set_prepared_statement_cache_capacity(64);
     conn.busy_timeout(Duration::from_secs(5))
         .map_err(sqlite_err(path, "setting the busy timeout"))?;
+    // Refuse another program's database before changing anything in it.
+    let (app, version) = identity(&conn, path)?;
+    check_identity(path, app, version, &conn)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
         .map_err(sqlite_err(path, "switching to WAL"))?;

@@ -53,6 +53,11 @@ impl BulkWriter {
         })
     }
 
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Writes one device's line.
     pub fn push(&self, line: &BulkLine<'_>) -> Result<(), OutputError> {
         let mut text =
@@ -86,7 +91,12 @@ impl BulkWriter {
 
 /// A CSR for a key the station made, so bulk registration can take it.
 pub fn csr_for(key: &DeviceKey, thing_name: &str) -> Result<String, String> {
-    let pair = rcgen::KeyPair::from_pem(&key.pkcs8_pem()).map_err(|e| e.to_string())?;
+    csr_for_pem(&key.pkcs8_pem(), thing_name)
+}
+
+/// [`csr_for`] for a PKCS#8 PEM key (a device folder's `private.key`).
+pub fn csr_for_pem(key_pem: &str, thing_name: &str) -> Result<String, String> {
+    let pair = rcgen::KeyPair::from_pem(key_pem).map_err(|e| e.to_string())?;
     let mut params = rcgen::CertificateParams::default();
     params
         .distinguished_name

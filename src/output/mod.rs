@@ -209,7 +209,14 @@ impl ManifestWriter {
     /// Starts `OUT/manifest.csv`.
     pub fn create(out: &Path) -> Result<Self, OutputError> {
         let path = out.join(MANIFEST_FILE);
-        let tmp = out.join(format!(".{MANIFEST_FILE}.tmp-{}", std::process::id()));
+        let prefix = format!(".{MANIFEST_FILE}.tmp-");
+        // Manifests of runs that were killed: the ledger holds what they did.
+        for entry in fs::read_dir(out).map_err(io_err(out))?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let tmp = out.join(format!("{prefix}{}", std::process::id()));
         let file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
         Ok(ManifestWriter {
             writer: csv::Writer::from_writer(io::BufWriter::new(file)),

@@ -144,6 +144,41 @@ pub(crate) struct Shared<'a> {
 
 impl Shared<'_> {
     /// Stops the run for an error no device can get past (full disk, ledger gone).
+    /// The bulk-registration line of a device delivered before this point
+    /// of the run (skipped, adopted, re-delivered): its CSR comes from the
+    /// job's CSR file or is made from the key in its folder. The file must
+    /// list every device of the job, so a device that cannot have its line
+    /// stops the run.
+    pub(crate) fn bulk_done(&self, req: &DeviceRequest) {
+        let Some(bulk) = self.bulk else { return };
+        let csr = match &req.key {
+            KeySource::Csr(path) => std::fs::read(path)
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .map_err(|e| format!("{}: {e}", path.display())),
+            KeySource::Station(_) => {
+                let key = self
+                    .writer
+                    .device_dir(&req.thing_name)
+                    .join(crate::output::KEY_FILE);
+                std::fs::read_to_string(&key)
+                    .map_err(|e| format!("{}: {e}", key.display()))
+                    .and_then(|pem| bulk::csr_for_pem(&pem, &req.thing_name))
+            }
+        };
+        let line = csr.and_then(|csr| {
+            bulk.push(&BulkLine {
+                thing_name: &req.thing_name,
+                serial: &req.serial,
+                csr: &csr,
+                attributes: &req.attributes,
+            })
+            .map_err(|e| e.to_string())
+        });
+        if let Err(problem) = line {
+            self.abort(bulk_error(bulk, &req.serial, problem));
+        }
+    }
+
     pub(crate) fn abort(&self, err: BatchError) {
         self.stop.store(true, Ordering::SeqCst);
         let mut fatal = self.fatal.lock().unwrap_or_else(|p| p.into_inner());
@@ -422,9 +457,9 @@ fn work_chunk(
             continue;
         }
         if let Some(bulk) = shared.bulk {
+            // The device has its credentials whatever happens to this file.
             if let Err(problem) = bulk_line(bulk, &staged) {
-                fail(&staged.req, problem);
-                continue;
+                shared.abort(bulk_error(bulk, &staged.req.serial, problem));
             }
         }
         match shared.ledger.submit_advance(
@@ -461,6 +496,15 @@ fn bulk_line(bulk: &BulkWriter, staged: &Staged) -> Result<(), String> {
         attributes: &staged.req.attributes,
     })
     .map_err(|e| e.to_string())
+}
+
+fn bulk_error(bulk: &BulkWriter, serial: &str, problem: String) -> BatchError {
+    BatchError::Output(OutputError::Io {
+        path: bulk.path().to_path_buf(),
+        source: std::io::Error::other(format!(
+            "bulk-registration line of device {serial}: {problem}"
+        )),
+    })
 }
 
 /// The key source of a request, for deciding how to resume it.

@@ -25,6 +25,9 @@ pub(crate) enum Action {
     Adopt(LiveCert),
     /// A CSR device whose certificate was recorded but not written: write it.
     Redeliver(LiveCert),
+    /// A device taken over from another job (`--reissue`): its old bundle,
+    /// if this output holds one, is moved aside, then it is issued anew.
+    Reissue,
 }
 
 /// A live certificate as the ledger holds it.
@@ -102,9 +105,15 @@ fn classify(shared: &Shared<'_>, req: &DeviceRequest, outcome: PlanOutcome) -> N
         |problem: String| Next::Answer(failed_row(&row_error(req, problem)), Outcome::Failed);
     let status = match outcome {
         PlanOutcome::Resume(status) => status,
+        // Failed after its certificate was recorded: the bundle may stand.
         PlanOutcome::Retry { state, .. } if state >= DeviceState::Issued => {
-            return Next::Work(Action::Supersede("retried after a failure".into()))
+            match shared.ledger.device(&req.serial) {
+                Ok(Some(status)) => status,
+                Ok(None) => return Next::Work(Action::Issue),
+                Err(e) => return failed(e.to_string()),
+            }
         }
+        PlanOutcome::Reissue { .. } => return Next::Work(Action::Reissue),
         _ => return Next::Work(Action::Issue),
     };
     if status.line != req.line {
@@ -125,6 +134,7 @@ fn classify(shared: &Shared<'_>, req: &DeviceRequest, outcome: PlanOutcome) -> N
     };
     match (status.state, live) {
         (state, Some(live)) if state >= DeviceState::Delivered => {
+            shared.bulk_done(req);
             let (row, outcome) = skipped(req, &live);
             Next::Answer(row, outcome)
         }
@@ -192,14 +202,34 @@ pub(crate) fn prepare(
         )))
     };
     match action {
-        Action::Adopt(live) => deliver(&live),
+        Action::Adopt(live) => {
+            let done = deliver(&live)?;
+            shared.bulk_done(req);
+            Ok(done)
+        }
         Action::Redeliver(live) => {
             let cert_pem = crate::pem_encode("CERTIFICATE", &live.der);
             shared
                 .writer
                 .write(&device::bundle(req, &cert_pem, shared.ca.cert_pem(), None))
                 .map_err(|e| e.to_string())?;
-            deliver(&live)
+            let done = deliver(&live)?;
+            shared.bulk_done(req);
+            Ok(done)
+        }
+        Action::Reissue => {
+            let dir = shared.writer.device_dir(&req.thing_name);
+            if dir.exists() {
+                let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+                let aside = shared
+                    .writer
+                    .out()
+                    .join(format!(".{}.superseded-{stamp}", req.thing_name));
+                std::fs::rename(&dir, &aside).map_err(|e| {
+                    format!("moving the superseded bundle {} aside: {e}", dir.display())
+                })?;
+            }
+            Ok(None)
         }
         Action::Supersede(reason) => {
             ensure_no_stray_cert(shared, req)?;

@@ -453,3 +453,391 @@ pub fn reason_words(text: &str) -> String {
         .join(" ")
         .to_lowercase()
 }
+
+/// Writes a job CSV of `n` rows, serials `SN-000001`.., one `serial` column.
+pub fn write_serial_job(path: &Path, n: usize) {
+    let rows: Vec<String> = (1..=n).map(|i| format!("SN-{i:06}")).collect();
+    write_job(path, "serial", &rows);
+}
+
+/// Starts `provline ARGS` in `cwd` without waiting; stdout and stderr go to
+/// `LOG.stdout` and `LOG.stderr` (files, so that a long run never blocks on
+/// a full pipe).
+pub fn spawn_provline<S: AsRef<std::ffi::OsStr>>(
+    cwd: &Path,
+    args: &[S],
+    log: &Path,
+) -> std::process::Child {
+    let bin = env!("CARGO_BIN_EXE_provline");
+    let (out, err) = log_paths(log);
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .current_dir(cwd)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out).expect("create stdout log"))
+        .stderr(fs::File::create(&err).expect("create stderr log"));
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{}`: {e}", describe(&cmd)))
+}
+
+/// The stdout and stderr files of [`spawn_provline`].
+pub fn log_paths(log: &Path) -> (PathBuf, PathBuf) {
+    let name = log.file_name().unwrap_or_default().to_string_lossy();
+    (
+        log.with_file_name(format!("{name}.stdout")),
+        log.with_file_name(format!("{name}.stderr")),
+    )
+}
+
+/// What a spawned run wrote, for messages and for parsing.
+pub fn read_logs(log: &Path) -> (String, String) {
+    let (out, err) = log_paths(log);
+    (
+        fs::read_to_string(out).unwrap_or_default(),
+        fs::read_to_string(err).unwrap_or_default(),
+    )
+}
+
+/// Waits for a spawned child, killing it (SIGKILL) after `limit`.
+pub fn wait_child(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("child {} did not finish within {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Number of device folders (`OUT/<thing>/`, not hidden) under `out`.
+pub fn count_device_dirs(out: &Path) -> usize {
+    let Ok(rd) = fs::read_dir(out) else {
+        return 0;
+    };
+    rd.filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .count()
+}
+
+/// Polls until `out` holds at least `n` device folders; panics if the child
+/// exits first or `limit` passes.
+pub fn wait_for_dirs(child: &mut std::process::Child, out: &Path, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while count_device_dirs(out) < n {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            panic!(
+                "the batch ended ({status}) before {n} device folders appeared in {}",
+                out.display()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} device folders in {} after {limit:?}",
+            out.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends a signal by name (`INT`, `TERM`, ...) with the `kill` command.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed: {status}");
+}
+
+/// The `--json` summary of a batch: the last line of stdout that parses.
+#[track_caller]
+pub fn summary_json(stdout: &str) -> serde_json::Value {
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+        .unwrap_or_else(|| panic!("no JSON summary on stdout:\n{stdout}"))
+}
+
+/// A count field of the `--json` summary.
+#[track_caller]
+pub fn summary_count(summary: &serde_json::Value, field: &str) -> u64 {
+    summary[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("summary field {field} is not a count: {summary}"))
+}
+
+/// The columns of `provline ledger export --format csv`.
+pub const EXPORT_HEADER: [&str; 11] = [
+    "ca",
+    "device_serial",
+    "thing_name",
+    "cert_serial",
+    "certificate_id",
+    "public_key",
+    "state",
+    "reason",
+    "not_after",
+    "created",
+    "updated",
+];
+
+/// One certificate of `provline ledger export`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportRow {
+    pub ca: String,
+    pub device_serial: String,
+    pub thing_name: String,
+    pub cert_serial: String,
+    pub certificate_id: String,
+    pub public_key: String,
+    pub state: String,
+    pub reason: String,
+    pub not_after: String,
+    pub created: String,
+    pub updated: String,
+}
+
+/// Runs `provline ledger export --format csv` and parses it, checking the header.
+#[track_caller]
+pub fn ledger_export(cwd: &Path, ledger: &Path) -> Vec<ExportRow> {
+    let r = provline(
+        cwd,
+        &[
+            "ledger".as_ref(),
+            "export".as_ref(),
+            "--ledger".as_ref(),
+            ledger.as_os_str(),
+            "--format".as_ref(),
+            "csv".as_ref(),
+        ],
+    );
+    r.expect_code(0);
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(r.stdout.as_bytes());
+    let header: Vec<String> = rdr
+        .headers()
+        .expect("export header")
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(header, EXPORT_HEADER, "ledger export header\n{r}");
+    rdr.records()
+        .map(|rec| {
+            let rec = rec.unwrap_or_else(|e| panic!("export record: {e}\n{r}"));
+            let f = |i: usize| rec.get(i).unwrap_or("").to_owned();
+            ExportRow {
+                ca: f(0),
+                device_serial: f(1),
+                thing_name: f(2),
+                cert_serial: f(3),
+                certificate_id: f(4),
+                public_key: f(5),
+                state: f(6),
+                reason: f(7),
+                not_after: f(8),
+                created: f(9),
+                updated: f(10),
+            }
+        })
+        .collect()
+}
+
+/// Checks what holds for a ledger at any moment, even right after a kill:
+/// known states only, no certificate serial or id twice, at most one live
+/// certificate and one intent per device. `settled` (after a run that
+/// ended by itself) also requires that no intent is left.
+#[track_caller]
+pub fn assert_ledger_consistent(rows: &[ExportRow], settled: bool) {
+    use std::collections::{HashMap, HashSet};
+    let mut serials = HashSet::new();
+    let mut ids = HashSet::new();
+    let mut live: HashMap<(&str, &str), &ExportRow> = HashMap::new();
+    let mut intent: HashMap<(&str, &str), &ExportRow> = HashMap::new();
+    for r in rows {
+        let allowed: &[&str] = if settled {
+            &["live", "superseded"]
+        } else {
+            &["intent", "live", "superseded"]
+        };
+        assert!(
+            allowed.contains(&r.state.as_str()),
+            "certificate {} of device {} is `{}` (allowed: {allowed:?})",
+            r.cert_serial,
+            r.device_serial,
+            r.state
+        );
+        assert!(
+            serials.insert(r.cert_serial.as_str()),
+            "certificate serial {} appears twice in the ledger",
+            r.cert_serial
+        );
+        if !r.certificate_id.is_empty() {
+            assert!(
+                ids.insert(r.certificate_id.as_str()),
+                "certificate id {} appears twice in the ledger",
+                r.certificate_id
+            );
+        }
+        let key = (r.ca.as_str(), r.device_serial.as_str());
+        let slot = match r.state.as_str() {
+            "live" => &mut live,
+            "intent" => &mut intent,
+            _ => continue,
+        };
+        if let Some(other) = slot.insert(key, r) {
+            panic!(
+                "device {} holds two `{}` certificates: {} and {}",
+                r.device_serial, r.state, other.cert_serial, r.cert_serial
+            );
+        }
+    }
+    for r in rows.iter().filter(|r| r.state == "live") {
+        assert!(
+            !r.certificate_id.is_empty() && !r.not_after.is_empty(),
+            "live certificate {} of device {} has no certificate id or notAfter",
+            r.cert_serial,
+            r.device_serial
+        );
+    }
+    for r in rows.iter().filter(|r| r.state == "superseded") {
+        assert!(
+            !r.reason.is_empty(),
+            "superseded certificate {} of device {} has no reason",
+            r.cert_serial,
+            r.device_serial
+        );
+    }
+}
+
+/// The names a device folder may hold.
+pub const BUNDLE_FILES: [&str; 4] = ["cert.pem", "chain.pem", "private.key", "AmazonRootCA1.pem"];
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Scans a batch output folder, at any moment (even right after a kill),
+/// for anything half-written under a final name:
+/// - every `OUT/<thing>/` folder holds cert.pem, chain.pem, AmazonRootCA1.pem
+///   and (when `with_key`) private.key (mode 0600), and nothing else;
+/// - cert.pem is one certificate that parses, for CN = the folder name;
+///   chain.pem is it followed by the CA; the root is Amazon's; the key is
+///   one whole PKCS#8 PEM block;
+/// - manifest.csv, when there, parses with its header; every other file
+///   that is not hidden (a temporary name) is unexpected, and so is a temporary
+///   name inside a device folder.
+///
+/// Returns thing name -> certificate id (SHA-256 of the DER) of every folder.
+#[track_caller]
+pub fn scan_output(
+    out: &Path,
+    ca_pem: &[u8],
+    with_key: bool,
+) -> std::collections::BTreeMap<String, String> {
+    let root = fs::read(fixture("AmazonRootCA1.pem")).expect("read the Amazon root fixture");
+    let mut found = std::collections::BTreeMap::new();
+    let Ok(rd) = fs::read_dir(out) else {
+        return found;
+    };
+    for entry in rd {
+        let entry = entry.expect("read_dir entry");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let ty = entry.file_type().expect("file type");
+        if name.starts_with('.') {
+            continue;
+        }
+        if name == "manifest.csv" {
+            assert!(ty.is_file(), "{} is not a file", path.display());
+            read_manifest(out);
+            continue;
+        }
+        assert!(
+            ty.is_dir(),
+            "unexpected file under a final name in the output: {}",
+            path.display()
+        );
+        let mut names: Vec<String> = fs::read_dir(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let mut want: Vec<String> = BUNDLE_FILES
+            .iter()
+            .filter(|f| with_key || **f != "private.key")
+            .map(|f| f.to_string())
+            .collect();
+        want.sort();
+        assert_eq!(
+            names,
+            want,
+            "device folder {} does not hold exactly the bundle",
+            path.display()
+        );
+        let cert_pem = fs::read(path.join("cert.pem")).expect("read cert.pem");
+        let blocks = pem::parse_many(&cert_pem)
+            .unwrap_or_else(|e| panic!("{}/cert.pem is not PEM: {e}", path.display()));
+        assert!(
+            blocks.len() == 1 && blocks[0].tag() == "CERTIFICATE",
+            "{}/cert.pem does not hold exactly one certificate",
+            path.display()
+        );
+        let der = blocks[0].contents();
+        let (rest, cert) = x509_parser::parse_x509_certificate(der)
+            .unwrap_or_else(|e| panic!("{}/cert.pem does not parse: {e}", path.display()));
+        assert!(
+            rest.is_empty(),
+            "{}/cert.pem has trailing bytes",
+            path.display()
+        );
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or("");
+        assert_eq!(cn, name, "CN of {}/cert.pem", path.display());
+        let chain = fs::read(path.join("chain.pem")).expect("read chain.pem");
+        let mut want_chain = cert_pem.clone();
+        want_chain.extend_from_slice(ca_pem);
+        assert!(
+            chain == want_chain,
+            "{}/chain.pem is not cert.pem followed by the CA",
+            path.display()
+        );
+        assert!(
+            fs::read(path.join("AmazonRootCA1.pem")).expect("read root") == root,
+            "{}/AmazonRootCA1.pem is not Amazon Root CA 1",
+            path.display()
+        );
+        if with_key {
+            let key_path = path.join("private.key");
+            let key = fs::read_to_string(&key_path).expect("read private.key");
+            let block = pem::parse(&key)
+                .unwrap_or_else(|e| panic!("{} is not PEM: {e}", key_path.display()));
+            assert!(
+                block.tag() == "PRIVATE KEY"
+                    && key.trim_end().ends_with("-----END PRIVATE KEY-----"),
+                "{} is not one whole PKCS#8 PEM block",
+                key_path.display()
+            );
+            assert_eq!(mode(&key_path), 0o600, "mode of {}", key_path.display());
+        }
+        found.insert(name, sha256_hex(der));
+    }
+    found
+}
