@@ -153,18 +153,12 @@ fn a_second_station_on_a_ledger_in_use_is_refused_and_can_start_once_the_first_i
     let out1 = tmp.path().join("out1");
     let out2 = tmp.path().join("out2");
 
-    let args: Vec<std::ffi::OsString> = vec![
-        "batch".into(),
-        big.clone().into(),
-        "--ca".into(),
-        ca.clone().into(),
-        "--out".into(),
-        out1.clone().into(),
-        "--ledger".into(),
-        ledger.clone().into(),
-        "--threads".into(),
-        "2".into(),
-    ];
+    let args = batch_args(
+        &big,
+        &ca,
+        &out1,
+        &["--ledger", path_str(&ledger), "--threads", "2"],
+    );
     let mut first = spawn_provline(tmp.path(), &args, &tmp.path().join("first"));
     wait_for_dirs(&mut first, &out1, 100, Duration::from_secs(120));
 
@@ -214,17 +208,7 @@ fn ctrl_c_in_a_big_job_reports_only_completed_rows_and_a_rerun_finishes() {
     write_serial_job(&job, ROWS);
     let out = tmp.path().join("out");
     let ledger = tmp.path().join("out.ledger.sqlite");
-    let args: Vec<std::ffi::OsString> = vec![
-        "batch".into(),
-        job.clone().into(),
-        "--ca".into(),
-        ca.clone().into(),
-        "--out".into(),
-        out.clone().into(),
-        "--threads".into(),
-        "2".into(),
-        "--json".into(),
-    ];
+    let args = batch_args(&job, &ca, &out, &["--threads", "2", "--json"]);
     let log = tmp.path().join("interrupted");
     let mut child = spawn_provline(tmp.path(), &args, &log);
     wait_for_dirs(&mut child, &out, 500, Duration::from_secs(120));

@@ -251,17 +251,7 @@ fn kill_then_finish(with_bad: bool) {
     let rows = make_job(&job, with_bad);
     let out = tmp.path().join("out");
     let ledger = tmp.path().join("out.ledger.sqlite");
-    let args: Vec<std::ffi::OsString> = vec![
-        "batch".into(),
-        job.clone().into(),
-        "--ca".into(),
-        ca.clone().into(),
-        "--out".into(),
-        out.clone().into(),
-        "--threads".into(),
-        "2".into(),
-        "--json".into(),
-    ];
+    let args = batch_args(&job, &ca, &out, &["--threads", "2", "--json"]);
     let log = tmp.path().join("run");
 
     // A first run, killed once a few hundred devices are out, gives the rate.

@@ -841,3 +841,18 @@ pub fn scan_output(
     }
     found
 }
+
+/// The arguments of `provline batch JOB --ca CA --out OUT EXTRA...`, for
+/// a station started with [`spawn_provline`].
+pub fn batch_args(job: &Path, ca: &Path, out: &Path, extra: &[&str]) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "batch".into(),
+        job.into(),
+        "--ca".into(),
+        ca.into(),
+        "--out".into(),
+        out.into(),
+    ];
+    args.extend(extra.iter().map(Into::into));
+    args
+}
