@@ -5,6 +5,10 @@
 //! ```text
 //!  job CSV rows ──> job ──> keygen (station key) ──┐
 //!                     └───> csr (device's CSR) ────┴─> ca (sign) ──> output (bundle, manifest)
+//!                                                        │
+//!          ledger: planned -> intent -> issued -> delivered, committed before each next step
+//!
+//!  the line (next):  device (frames, messages) <-> serial port;  cloud (paced AWS IoT calls)
 //! ```
 //!
 //! - [`job`]: the job CSV, row by row, each row checked and numbered;

@@ -266,17 +266,11 @@ impl Ledger {
             device: device.clone(),
             reissue,
         };
-        let (reply, answer) = crossbeam_channel::bounded(1);
-        let describe = op.describe();
-        self.send(
-            Request::Plan {
-                op,
-                reply,
-                result: None,
-            },
-            &describe,
-        )?;
-        Ok(self.pending(answer, describe))
+        self.queue(op.describe(), |reply| Request::Plan {
+            op,
+            reply,
+            result: None,
+        })
     }
 
     /// Moves device `serial` forward to `to` (`key_ready`, `registered`,
@@ -451,25 +445,26 @@ impl Ledger {
     }
 
     fn submit(&self, op: WriteOp) -> Result<Pending<()>, LedgerError> {
-        let describe = op.describe();
-        let (reply, answer) = crossbeam_channel::bounded(1);
-        self.send(
-            Request::Write {
-                op,
-                reply,
-                result: None,
-            },
-            &describe,
-        )?;
-        Ok(self.pending(answer, describe))
+        self.queue(op.describe(), |reply| Request::Write {
+            op,
+            reply,
+            result: None,
+        })
     }
 
-    fn pending<T>(&self, answer: Receiver<Result<T, LedgerError>>, describe: String) -> Pending<T> {
-        Pending {
+    /// Queues the request `make` builds around its reply channel.
+    fn queue<T>(
+        &self,
+        describe: String,
+        make: impl FnOnce(Sender<Result<T, LedgerError>>) -> Request,
+    ) -> Result<Pending<T>, LedgerError> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(make(reply), &describe)?;
+        Ok(Pending {
             answer,
             path: self.path.clone(),
             describe,
-        }
+        })
     }
 }
 
