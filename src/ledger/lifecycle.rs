@@ -74,7 +74,13 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
         };
     match op {
         WriteOp::Advance { serial, to, detail } => {
-            let dev = status(serial)?;
+            let dev = step_status(conn, ctx, serial)
+                .map_err(sql)?
+                .ok_or_else(|| LedgerError::UnknownDevice {
+                    path: path(),
+                    op: op.describe(),
+                    serial: serial.to_string(),
+                })?;
             if dev.state == *to {
                 return Ok(());
             }
@@ -100,7 +106,7 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
             if dev.state == DeviceState::Failed || *to < dev.state {
                 return Err(refuse(serial, dev.state, *to, ""));
             }
-            if to.has_certificate() && dev.live_cert_serial.is_none() {
+            if to.has_certificate() && !dev.has_live {
                 return Err(refuse(serial, dev.state, *to, "no live certificate"));
             }
             ctx.set_state(conn, serial, *to, None).map_err(sql)?;
@@ -121,7 +127,13 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
             cert_serial,
             public_key,
         } => {
-            let dev = status(serial)?;
+            let dev = intent_status(conn, ctx, serial)
+                .map_err(sql)?
+                .ok_or_else(|| LedgerError::UnknownDevice {
+                    path: path(),
+                    op: op.describe(),
+                    serial: serial.to_string(),
+                })?;
             if dev.state == DeviceState::Failed {
                 return Err(refuse(
                     serial,
@@ -140,18 +152,6 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
                     serial: serial.clone(),
                     cert_serial: cert.clone(),
                     state,
-                });
-            }
-            let used: Option<String> = conn
-                .prepare_cached("SELECT device_serial FROM certificates WHERE cert_serial = ?1")
-                .and_then(|mut s| s.query_row([cert_serial], |r| r.get(0)).optional())
-                .map_err(sql)?;
-            if let Some(used_by) = used {
-                return Err(LedgerError::DuplicateCertSerial {
-                    path: path(),
-                    serial: serial.clone(),
-                    cert_serial: cert_serial.clone(),
-                    used_by,
                 });
             }
             let reused: Option<(String, String)> = conn
@@ -173,21 +173,41 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
                     used_cert_serial,
                 });
             }
-            conn.prepare_cached(
-                "INSERT INTO certificates (ca, device_serial, thing_name, cert_serial, public_key, state, created, updated) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'intent', ?6, ?6)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    ctx.ca.as_str(),
-                    serial,
-                    dev.thing_name,
-                    cert_serial,
-                    public_key,
-                    ctx.now
-                ])
-            })
-            .map_err(sql)?;
+            // The unique index on cert_serial refuses a serial used before;
+            // who used it is looked up only then.
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO certificates (ca, device_serial, thing_name, cert_serial, public_key, state, created, updated) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'intent', ?6, ?6)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        ctx.ca.as_str(),
+                        serial,
+                        dev.thing_name,
+                        cert_serial,
+                        public_key,
+                        ctx.now
+                    ])
+                });
+            if let Err(e) = inserted {
+                if !is_unique_violation(&e, "cert_serial") {
+                    return Err(sql(e));
+                }
+                let used_by: Option<String> = conn
+                    .prepare_cached("SELECT device_serial FROM certificates WHERE cert_serial = ?1")
+                    .and_then(|mut s| s.query_row([cert_serial], |r| r.get(0)).optional())
+                    .map_err(sql)?;
+                return match used_by {
+                    Some(used_by) => Err(LedgerError::DuplicateCertSerial {
+                        path: path(),
+                        serial: serial.clone(),
+                        cert_serial: cert_serial.clone(),
+                        used_by,
+                    }),
+                    None => Err(sql(e)),
+                };
+            }
             ctx.event(conn, serial, "intent", cert_serial).map_err(sql)
         }
         WriteOp::Issued {
@@ -214,23 +234,24 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
             if state != CertState::Intent.as_str() {
                 return Err(no_intent(state.parse().ok()));
             }
-            let dup: Option<String> = conn
-                .prepare_cached("SELECT cert_serial FROM certificates WHERE certificate_id = ?1")
-                .and_then(|mut s| s.query_row([&certificate_id], |r| r.get(0)).optional())
-                .map_err(sql)?;
-            if dup.is_some() {
-                return Err(LedgerError::DuplicateCertificate {
-                    path: path(),
-                    cert_serial: cert_serial.clone(),
-                    certificate_id: certificate_id.clone(),
-                });
+            // The unique index on certificate_id refuses a DER recorded before.
+            let updated = conn
+                .prepare_cached(
+                    "UPDATE certificates SET der = ?2, certificate_id = ?3, not_after = ?4, state = 'live', updated = ?5 \
+                     WHERE cert_serial = ?1",
+                )
+                .and_then(|mut s| s.execute(params![cert_serial, der, certificate_id, not_after, ctx.now]));
+            match updated {
+                Ok(_) => {}
+                Err(e) if is_unique_violation(&e, "certificate_id") => {
+                    return Err(LedgerError::DuplicateCertificate {
+                        path: path(),
+                        cert_serial: cert_serial.clone(),
+                        certificate_id: certificate_id.clone(),
+                    })
+                }
+                Err(e) => return Err(sql(e)),
             }
-            conn.prepare_cached(
-                "UPDATE certificates SET der = ?2, certificate_id = ?3, not_after = ?4, state = 'live', updated = ?5 \
-                 WHERE cert_serial = ?1",
-            )
-            .and_then(|mut s| s.execute(params![cert_serial, der, certificate_id, not_after, ctx.now]))
-            .map_err(sql)?;
             ctx.set_state(conn, &serial, DeviceState::Issued, None)
                 .map_err(sql)?;
             ctx.event(
@@ -260,4 +281,79 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
             Ok(())
         }
     }
+}
+
+/// What recording an intent needs to know about the device.
+struct IntentStatus {
+    state: DeviceState,
+    thing_name: String,
+    live_cert_serial: Option<String>,
+    pending_intent: Option<String>,
+}
+
+fn intent_status(
+    conn: &Connection,
+    ctx: &Ctx<'_>,
+    serial: &str,
+) -> rusqlite::Result<Option<IntentStatus>> {
+    conn.prepare_cached(
+        "SELECT d.state, d.thing_name, \
+             (SELECT c.cert_serial FROM certificates c \
+              WHERE c.device_serial = d.serial AND c.ca = d.ca AND c.state = 'live'), \
+             (SELECT c.cert_serial FROM certificates c \
+              WHERE c.device_serial = d.serial AND c.ca = d.ca AND c.state = 'intent') \
+         FROM devices d WHERE d.serial = ?1 AND d.ca = ?2",
+    )?
+    .query_row(params![serial, ctx.ca.as_str()], |row| {
+        Ok(IntentStatus {
+            state: parse_state(row, 0)?,
+            thing_name: row.get(1)?,
+            live_cert_serial: row.get(2)?,
+            pending_intent: row.get(3)?,
+        })
+    })
+    .optional()
+}
+
+fn parse_state(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<DeviceState> {
+    let state: String = row.get(column)?;
+    state.parse().map_err(|e: String| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+/// What moving a device forward needs to know: less than a
+/// [`DeviceStatus`], read with one index lookup per table.
+struct StepStatus {
+    state: DeviceState,
+    has_live: bool,
+}
+
+fn step_status(
+    conn: &Connection,
+    ctx: &Ctx<'_>,
+    serial: &str,
+) -> rusqlite::Result<Option<StepStatus>> {
+    conn.prepare_cached(
+        "SELECT d.state, EXISTS (SELECT 1 FROM certificates c \
+             WHERE c.device_serial = d.serial AND c.ca = d.ca AND c.state = 'live') \
+         FROM devices d WHERE d.serial = ?1 AND d.ca = ?2",
+    )?
+    .query_row(params![serial, ctx.ca.as_str()], |row| {
+        Ok(StepStatus {
+            state: parse_state(row, 0)?,
+            has_live: row.get(1)?,
+        })
+    })
+    .optional()
+}
+
+/// Whether `e` is the unique index on `certificates.<column>` refusing a row.
+fn is_unique_violation(e: &rusqlite::Error, column: &str) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, Some(message))
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                && message.ends_with(&format!("certificates.{column}"))
+    )
 }

@@ -71,6 +71,7 @@ use time::OffsetDateTime;
 
 use crate::clock::{Clock, SystemClock};
 
+mod checkpoint;
 mod error;
 mod lifecycle;
 pub mod reader;
@@ -165,6 +166,7 @@ pub struct Ledger {
     ca: CaId,
     sender: Option<Sender<Request>>,
     writer: Option<JoinHandle<()>>,
+    checkpointer: Option<checkpoint::Checkpointer>,
     reader: LedgerReader,
     recovered: Vec<AbandonedIntent>,
     _lock: Mutex<StationLock>,
@@ -188,6 +190,7 @@ impl Ledger {
         }
         let recovered = recover(&conn, path, &timestamp(options.clock.now()))?;
         let reader = LedgerReader::open(path)?;
+        let checkpointer = checkpoint::Checkpointer::start(path)?;
         let (sender, rx) = crossbeam_channel::bounded(options.queue.max(1));
         let writer = Writer {
             conn,
@@ -212,6 +215,7 @@ impl Ledger {
             ca,
             sender: Some(sender),
             writer: Some(handle),
+            checkpointer: Some(checkpointer),
             reader,
             recovered,
             _lock: Mutex::new(lock),
@@ -416,7 +420,10 @@ impl Ledger {
 
     fn stop(&mut self) -> Result<(), LedgerError> {
         self.sender.take();
-        match self.writer.take().map(JoinHandle::join) {
+        let joined = self.writer.take().map(JoinHandle::join);
+        // A last checkpoint after the last commit.
+        self.checkpointer.take();
+        match joined {
             Some(Err(_)) => Err(self.stopped("closing")),
             _ => Ok(()),
         }

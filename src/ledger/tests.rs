@@ -474,3 +474,85 @@ fn newer_or_foreign_files_are_refused_and_one_station_writes() {
     let err = Ledger::open(&foreign, test_ca(), options()).unwrap_err();
     assert!(matches!(err, LedgerError::NotALedger { .. }), "{err}");
 }
+
+#[test]
+fn a_version_1_ledger_is_migrated_with_everything_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = ledger_path(&dir);
+    let ca = test_ca();
+    {
+        let conn = raw(&path);
+        conn.execute_batch(&format!(
+            "BEGIN; {} PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 1; COMMIT;",
+            schema::MIGRATIONS[0]
+        ))
+        .unwrap();
+        let t = "2025-01-01T00:00:00.000Z";
+        conn.execute(
+            "INSERT INTO devices VALUES (?1, 'SN-1', 'sensor_SN-1', 'jobs/line1.csv', 'a', 2, 'delivered', NULL, ?2, ?2)",
+            rusqlite::params![ca.as_str(), t],
+        )
+        .unwrap();
+        for (cert, id, state) in [
+            ("0a", Some("id-0a"), "superseded"),
+            ("0b", Some("id-0b"), "live"),
+        ] {
+            conn.execute(
+                "INSERT INTO certificates (ca, device_serial, thing_name, cert_serial, certificate_id, public_key, der, state, created, updated) \
+                 VALUES (?1, 'SN-1', 'sensor_SN-1', ?2, ?3, 'key', x'3082', ?4, ?5, ?5)",
+                rusqlite::params![ca.as_str(), cert, id, state, t],
+            )
+            .unwrap();
+        }
+        for event in ["planned", "intent", "issued", "delivered"] {
+            conn.execute(
+                "INSERT INTO events (time, ca, device_serial, event) VALUES (?1, ?2, 'SN-1', ?3)",
+                rusqlite::params![t, ca.as_str(), event],
+            )
+            .unwrap();
+        }
+    }
+    let ledger = open(&path);
+    let version: i64 = raw(&path)
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    let dev = ledger.device("SN-1").unwrap().unwrap();
+    assert_eq!(dev.state, DeviceState::Delivered);
+    assert_eq!(dev.live_cert_serial.as_deref(), Some("0b"));
+    let events: Vec<String> = ledger
+        .events("SN-1")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    assert_eq!(events, ["planned", "intent", "issued", "delivered"]);
+    assert_eq!(export(&ledger).len(), 2);
+    // The rebuilt tables keep their rules.
+    let conn = raw(&path);
+    conn.pragma_update(None, "foreign_keys", true).unwrap();
+    let bad_state = conn.execute(
+        "UPDATE devices SET state = 'lost' WHERE serial = 'SN-1'",
+        [],
+    );
+    assert!(
+        bad_state.is_err(),
+        "a state outside the lifecycle was stored"
+    );
+    let second_live = conn.execute(
+        "UPDATE certificates SET state = 'live' WHERE cert_serial = '0a'",
+        [],
+    );
+    assert!(second_live.is_err(), "a device got two live certificates");
+    let orphan = conn.execute(
+        "INSERT INTO certificates (ca, device_serial, thing_name, cert_serial, public_key, state, created, updated) \
+         VALUES ('x', 'nobody', 'n', '0c', 'k', 'intent', 't', 't')",
+        [],
+    );
+    assert!(orphan.is_err(), "a certificate without a device was stored");
+    let rewrite = conn.execute("DELETE FROM events", []);
+    assert!(rewrite.is_err(), "the event log was rewritten");
+    // New devices go on from the migrated rows.
+    issue(&ledger, &job("a"), "SN-2", "0d", b"key 2");
+    assert_eq!(export(&ledger).len(), 3);
+}

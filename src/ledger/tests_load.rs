@@ -156,3 +156,109 @@ fn throughput() {
         }
     }
 }
+
+/// CPU time of the writer thread per device over a batch's whole
+/// lifecycle (plan, intent, issued, delivered), submitted in chunks as the
+/// pipeline does. CPU time, not wall time: it is what caps a batch, and it
+/// moves less than wall time on a shared machine.
+/// `cargo test --release --lib ledger::tests_load::writer_cpu -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement, not a check"]
+fn writer_cpu_per_device() {
+    let devices: usize = std::env::var("PROVLINE_LOAD_DEVICES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(40_000);
+    const THREADS: usize = 4;
+    const CHUNK: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&ledger_path(&dir), test_ca(), LedgerOptions::default()).unwrap();
+    let job = job("bench");
+    let before = writer_cpu();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (ledger, job) = (&ledger, &job);
+            s.spawn(move || {
+                let mine: Vec<usize> = (t..devices).step_by(THREADS).collect();
+                for chunk in mine.chunks(CHUNK) {
+                    let serials: Vec<String> = chunk.iter().map(|i| format!("SN-{i:09}")).collect();
+                    let plans: Vec<_> = serials
+                        .iter()
+                        .zip(chunk)
+                        .map(|(s, i)| {
+                            ledger
+                                .submit_plan(job, &device(s, *i as u64), false)
+                                .unwrap()
+                        })
+                        .collect();
+                    plans.into_iter().for_each(|p| {
+                        p.wait().unwrap();
+                    });
+                    let intents: Vec<_> = serials
+                        .iter()
+                        .zip(chunk)
+                        .map(|(s, i)| {
+                            ledger
+                                .submit_intent(s, &format!("{i:032x}"), s.as_bytes())
+                                .unwrap()
+                        })
+                        .collect();
+                    intents.into_iter().for_each(|p| p.wait().unwrap());
+                    let issued: Vec<_> = chunk
+                        .iter()
+                        .map(|i| {
+                            let mut der = vec![0x30u8; 600];
+                            der[..8].copy_from_slice(&(*i as u64).to_be_bytes());
+                            let id = types::sha256_hex(&der);
+                            ledger
+                                .submit_issued(
+                                    &format!("{i:032x}"),
+                                    &der,
+                                    &id,
+                                    datetime!(2035-01-01 0:00 UTC),
+                                )
+                                .unwrap()
+                        })
+                        .collect();
+                    issued.into_iter().for_each(|p| p.wait().unwrap());
+                    let delivered: Vec<_> = serials
+                        .iter()
+                        .map(|s| {
+                            ledger
+                                .submit_advance(s, DeviceState::Delivered, "id")
+                                .unwrap()
+                        })
+                        .collect();
+                    delivered.into_iter().for_each(|p| p.wait().unwrap());
+                }
+            });
+        }
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = writer_cpu() - before;
+    println!(
+        "{devices} devices, {THREADS} threads: {:.0} devices/s wall; writer CPU {:.1} us/device",
+        devices as f64 / secs,
+        cpu * 1e6 / devices as f64
+    );
+    ledger.close().unwrap();
+}
+
+/// Seconds of CPU the `ledger-writer` thread of this process has used.
+fn writer_cpu() -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut total = 0.0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "ledger-writer" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after.split(' ').collect();
+        // utime and stime are fields 14 and 15 of stat; `after` starts at field 3.
+        total += fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    }
+    total / tick
+}
