@@ -57,6 +57,8 @@ enum Command {
     /// The ledger of issued certificates.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// AWS IoT Core: account setup, verification of registered devices.
+    Cloud(provline::cloud::cli::CloudArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,6 +144,8 @@ struct BatchArgs {
     /// Also write the newline-delimited JSON of AWS IoT bulk registration here.
     #[arg(long)]
     bulk_jsonl: Option<PathBuf>,
+    #[command(flatten)]
+    cloud: provline::cloud::cli::RegisterArgs,
 }
 
 fn parse_durability(s: &str) -> Result<ledger::Durability, String> {
@@ -271,6 +275,9 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Batch(args) => batch(cli, args, &clock),
+        Command::Cloud(args) => Ok(ExitCode::from(provline::cloud::cli::run(
+            args, cli.json, cli.quiet,
+        )?)),
         Command::Ledger(LedgerCommand::Export { ledger, format }) => export(ledger, format),
         Command::Bench(args) => {
             let config = BenchConfig {
