@@ -340,10 +340,21 @@ fn batch(cli: &Cli, args: &BatchArgs, clock: &dyn Clock) -> Result<ExitCode> {
     if !args.job.is_file() {
         return Err(Usage(format!("{}: no such job file", args.job.display())).into());
     }
+    if args.cloud.dry_run {
+        let job_config = JobConfig {
+            thing_name_pattern: args.thing_name_pattern.clone(),
+            default_key: args.key,
+            track_duplicates: false,
+        };
+        let code =
+            provline::cloud::cli::dry_run_batch(&args.job, &job_config, &args.cloud, cli.json)?;
+        return Ok(ExitCode::from(code));
+    }
     let ca = match &args.ca {
         Some(dir) => LocalCa::load(dir, clock.now())?,
         None => dev_ca(Path::new(DEV_CA_DIR), clock, cli.quiet)?,
     };
+    let cloud = provline::cloud::cli::BatchCloud::prepare(&args.cloud, &ca)?;
     let out = args
         .out
         .clone()
@@ -383,7 +394,7 @@ fn batch(cli: &Cli, args: &BatchArgs, clock: &dyn Clock) -> Result<ExitCode> {
         progress.record(outcome);
     };
     let stop = AtomicBool::new(false);
-    let result = pipeline::run(&ca, &config, clock, &stop, &mut report);
+    let result = pipeline::run_registering(&ca, &config, cloud.as_ref(), clock, &stop, &mut report);
     progress.finish();
     let summary = result?;
     if cli.json {

@@ -88,20 +88,33 @@ where
     };
     let mut e = CallError::bare(api, kind, status);
     e.code = code;
-    e.message = message;
-    e.with_source(aws_sdk_iot::error::DisplayErrorContext(err).to_string_error())
+    // Without AWS's message, say what failed: the causes of a transport
+    // failure (connection refused, ...); for an answer without an AWS error
+    // shape (a proxy's HTML page) the status says enough.
+    e.message = message.or_else(|| (kind != FailureKind::Service).then(|| causes(&err)));
+    e
 }
 
-/// The SDK's error as a plain message (its chain flattened), to keep the
-/// error `'static` without the SDK's generic types.
-trait ToStringError {
-    fn to_string_error(&self) -> std::io::Error;
-}
-
-impl<E: StdError> ToStringError for aws_sdk_iot::error::DisplayErrorContext<E> {
-    fn to_string_error(&self) -> std::io::Error {
-        std::io::Error::other(self.to_string())
+/// The messages of an error's chain, joined, at most 300 characters.
+fn causes(err: &(dyn StdError + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
     }
+    let mut joined = parts.join(": ");
+    if joined.len() > 300 {
+        let cut = (0..=300)
+            .rev()
+            .find(|i| joined.is_char_boundary(*i))
+            .unwrap_or(0);
+        joined.truncate(cut);
+    }
+    joined
 }
 
 fn not_found<T, E>(api: Api, err: SdkError<E>) -> Result<Option<T>, CallError>
@@ -248,7 +261,7 @@ impl Registry for AwsRegistry {
                             .unwrap_or_default(),
                         auto_registration: d
                             .and_then(|d| d.auto_registration_status())
-                            .is_some_and(|s| *s == AutoRegistrationStatus::Enable),
+                            .map(|s| *s == AutoRegistrationStatus::Enable),
                         mode: d
                             .and_then(|d| d.certificate_mode())
                             .map(|m| m.as_str().to_string())

@@ -49,8 +49,8 @@ pub struct CaInfo {
     pub arn: String,
     /// `ACTIVE`, `INACTIVE`.
     pub status: String,
-    /// Whether JITP auto-registration is on.
-    pub auto_registration: bool,
+    /// Whether JITP auto-registration is on (`None`: the answer did not say).
+    pub auto_registration: Option<bool>,
     /// `DEFAULT` or `SNI_ONLY`.
     pub mode: String,
 }

@@ -382,7 +382,7 @@ async fn apply_ca(
         })
         .await?;
     if let Some(info) = found {
-        if info.is_active() && info.auto_registration {
+        if info.is_active() && info.auto_registration != Some(false) {
             return Ok(Change::Unchanged);
         }
         cloud

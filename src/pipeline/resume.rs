@@ -191,6 +191,9 @@ pub(crate) fn prepare(
     action: Action,
 ) -> Result<Option<(ManifestRow, Outcome)>, String> {
     let deliver = |live: &LiveCert| -> Result<Option<(ManifestRow, Outcome)>, String> {
+        if let Some(cloud) = shared.cloud {
+            super::register::register_one(shared, cloud, req, &live.serial, &live.der)?;
+        }
         shared
             .ledger
             .advance(&req.serial, DeviceState::Delivered, &live.certificate_id)
