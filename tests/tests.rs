@@ -8,6 +8,7 @@ mod it {
     mod bad_inputs;
     mod bench;
     mod ca;
+    mod cloud;
     mod faults;
     mod jitp;
     mod kill;

@@ -4,8 +4,10 @@
 //! Each test starts its own server (about a second) on 127.0.0.1 on a free
 //! port, from a few lines of Python in the venv that turn on moto's
 //! valid-certificate mode first (`iot.use_valid_cert`: certificate id =
-//! SHA-256 of the DER, as AWS; without it moto hashes the PEM text). The
-//! server is killed on drop.
+//! SHA-256 of the DER, as AWS; without it moto hashes the PEM text) and make
+//! GetRegistrationCode answer 64 hex digits as AWS does (moto answers a
+//! UUID), and keep and describe a CA's auto-registration status and
+//! certificate mode (moto drops them). The server is killed on drop.
 //!
 //! The query helpers talk to moto directly: moto does not check SigV4
 //! signatures but routes by the service named in the `Authorization`
@@ -37,6 +39,42 @@ from moto.core.config import default_user_config
 default_user_config["iot"]["use_valid_cert"] = True
 from moto import settings
 assert settings.iot_use_valid_cert(), "moto's iot.use_valid_cert did not take"
+# AWS's registration codes are 64 hex digits; moto answers a UUID.
+import hashlib, os
+import moto.iot.models as iot_models
+iot_models.IoTBackend.get_registration_code = (
+    lambda self: hashlib.sha256(os.urandom(32)).hexdigest())
+# moto drops RegisterCACertificate's allowAutoRegistration, certificateMode
+# and verificationCertificate: keep them and describe them as AWS does.
+from moto.iot.responses import IoTResponse
+_register_ca = IoTResponse.register_ca_certificate
+def register_ca(self):
+    result = _register_ca(self)
+    pem = self._get_param("caCertificate")
+    for ca in self.iot_backend.ca_certificates.values():
+        if ca.certificate_pem == pem:
+            auto = self._get_bool_param("allowAutoRegistration")
+            ca.auto_registration_status = "ENABLE" if auto else "DISABLE"
+            ca.certificate_mode = self._get_param("certificateMode") or "DEFAULT"
+            ca.verification_pem = self._get_param("verificationCertificate")
+    return result
+IoTResponse.register_ca_certificate = register_ca
+_update_ca = IoTResponse.update_ca_certificate
+def update_ca(self):
+    result = _update_ca(self)
+    auto = self._get_param("newAutoRegistrationStatus")
+    if auto:
+        ca = self.iot_backend.describe_ca_certificate(self.path.split("/")[-1].split("?")[0])
+        ca.auto_registration_status = auto
+    return result
+IoTResponse.update_ca_certificate = update_ca
+_describe = iot_models.FakeCertificate.to_description_dict
+def describe_ca(self):
+    d = _describe(self)
+    d["autoRegistrationStatus"] = getattr(self, "auto_registration_status", "DISABLE")
+    d["certificateMode"] = getattr(self, "certificate_mode", "DEFAULT")
+    return d
+iot_models.FakeCaCertificate.to_description_dict = describe_ca
 from moto.server import main
 main(["-H", "127.0.0.1", "-p", sys.argv[1]])
 "#;

@@ -304,12 +304,19 @@ pub struct Call {
     pub headers: Vec<(String, String)>,
     /// The request body.
     pub body: Vec<u8>,
+    /// The answer's body, for calls moto or the canned handler answered.
+    pub response: Vec<u8>,
 }
 
 impl Call {
     /// The request body as JSON (`Null` when empty or not JSON).
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The answer's body as JSON (`Null` when empty or not JSON).
+    pub fn response_json(&self) -> Value {
+        serde_json::from_slice(&self.response).unwrap_or(Value::Null)
     }
 
     /// A request header.
@@ -773,7 +780,7 @@ fn serve_connection(conn: TcpStream, shared: Arc<Shared>) {
         let close_after = req
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        let record = |outcome: Outcome| {
+        let record = |outcome: Outcome, response: &[u8]| {
             let at = shared.started.elapsed();
             let call = Call {
                 op: op.clone(),
@@ -787,22 +794,23 @@ fn serve_connection(conn: TcpStream, shared: Arc<Shared>) {
                     .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
                     .collect(),
                 body: req.body.clone(),
+                response: response.to_vec(),
             };
             shared.lock().calls.push(call);
         };
         let sent = match decision {
             Decision::DropBefore => {
-                record(Outcome::DroppedBefore);
+                record(Outcome::DroppedBefore, b"");
                 let _ = w.shutdown(Shutdown::Both);
                 return;
             }
             Decision::Throttle => {
-                record(Outcome::Throttled);
+                record(Outcome::Throttled, b"");
                 let (h, b) = aws_error("ThrottlingException", "Rate exceeded", &request_id);
                 write_response(&mut w, 400, &h, &b)
             }
             Decision::ServerError => {
-                record(Outcome::ServerError);
+                record(Outcome::ServerError, b"");
                 let (h, b) = aws_error(
                     "InternalFailureException",
                     "An unexpected error has occurred",
@@ -812,7 +820,7 @@ fn serve_connection(conn: TcpStream, shared: Arc<Shared>) {
             }
             Decision::Canned => {
                 let (status, h, b) = canned(&shared, &op, &req, &request_id);
-                record(Outcome::Canned(status));
+                record(Outcome::Canned(status), &b);
                 write_response(&mut w, status, &h, &b)
             }
             Decision::Forward { drop_after } => {
@@ -824,7 +832,7 @@ fn serve_connection(conn: TcpStream, shared: Arc<Shared>) {
                         } else {
                             Outcome::Forwarded(resp.status)
                         };
-                        record_at(&shared, &op, &req, at, outcome);
+                        record_at(&shared, &op, &req, at, outcome, &resp.body);
                         if drop_after {
                             let _ = w.shutdown(Shutdown::Both);
                             return;
@@ -832,7 +840,7 @@ fn serve_connection(conn: TcpStream, shared: Arc<Shared>) {
                         write_response(&mut w, resp.status, &resp.headers, &resp.body)
                     }
                     Err(e) => {
-                        record(Outcome::UpstreamFailed(e.to_string()));
+                        record(Outcome::UpstreamFailed(e.to_string()), b"");
                         let (h, b) = aws_error(
                             "InternalFailureException",
                             &format!("proxy: moto unreachable: {e}"),
@@ -850,7 +858,14 @@ fn serve_connection(conn: TcpStream, shared: Arc<Shared>) {
     }
 }
 
-fn record_at(shared: &Shared, op: &str, req: &Request, at: Duration, outcome: Outcome) {
+fn record_at(
+    shared: &Shared,
+    op: &str,
+    req: &Request,
+    at: Duration,
+    outcome: Outcome,
+    response: &[u8],
+) {
     let call = Call {
         op: op.to_string(),
         method: req.method.clone(),
@@ -863,6 +878,7 @@ fn record_at(shared: &Shared, op: &str, req: &Request, at: Duration, outcome: Ou
             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
             .collect(),
         body: req.body.clone(),
+        response: response.to_vec(),
     };
     shared.lock().calls.push(call);
 }
@@ -1064,26 +1080,29 @@ fn canned(
                 "thing".into(),
                 json!(format!("arn:aws:iot:{REGION}:{ACCOUNT}:thing/{thing}")),
             );
-            let mut pem = String::new();
+            // The certificate the call names: the PEM it carries, else
+            // the one moto holds under the id.
+            let mut pem = params["CertificatePem"].as_str().unwrap_or("").to_string();
             if let Some(id) = params["CertificateId"].as_str() {
                 arns.insert(
                     "certificate".into(),
                     json!(format!("arn:aws:iot:{REGION}:{ACCOUNT}:cert/{id}")),
                 );
-                // The certificate the call names, as moto holds it.
-                if let Ok(r) = http_call(
-                    shared.upstream,
-                    "GET",
-                    &format!("/certificates/{id}"),
-                    &[("Authorization", super::moto::FAKE_AUTH)],
-                    b"",
-                ) {
-                    if r.status == 200 {
-                        if let Ok(v) = serde_json::from_slice::<Value>(&r.body) {
-                            pem = v["certificateDescription"]["certificatePem"]
-                                .as_str()
-                                .unwrap_or("")
-                                .to_string();
+                if pem.is_empty() {
+                    if let Ok(r) = http_call(
+                        shared.upstream,
+                        "GET",
+                        &format!("/certificates/{id}"),
+                        &[("Authorization", super::moto::FAKE_AUTH)],
+                        b"",
+                    ) {
+                        if r.status == 200 {
+                            if let Ok(v) = serde_json::from_slice::<Value>(&r.body) {
+                                pem = v["certificateDescription"]["certificatePem"]
+                                    .as_str()
+                                    .unwrap_or("")
+                                    .to_string();
+                            }
                         }
                     }
                 }
