@@ -600,3 +600,571 @@ pub fn check_aws_cert(
     }
     Ok(der)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cloud::config::StationConfig;
+    use crate::cloud::limits::{ApiLimiters, Limits};
+    use crate::cloud::registry::{
+        CaInfo, Call, CertRef, NewCert, NewTemplate, RegisterCa, RegisteredThing, Registry,
+        ThingInfo,
+    };
+    use crate::cloud::retry::{CallError, FailureKind, Jitter, RetryPolicy};
+    use crate::ledger::{CaId, JobId, LedgerOptions, PlannedDevice};
+
+    /// AWS IoT as a map, with scripted failures per API.
+    #[derive(Default)]
+    struct Fake {
+        log: Mutex<Vec<Api>>,
+        script: Mutex<HashMap<Api, VecDeque<CallError>>>,
+        ca: Option<CaInfo>,
+        wrong_id: bool,
+        things: Mutex<HashMap<String, Option<String>>>,
+        principals: Mutex<HashMap<String, Vec<String>>>,
+        policies: Mutex<HashMap<String, Vec<String>>>,
+        csr_answer: Option<NewCert>,
+    }
+
+    impl Fake {
+        fn fail(&self, api: Api, code: &str, status: u16, times: usize) {
+            let mut script = self.script.lock().unwrap();
+            for _ in 0..times {
+                script
+                    .entry(api)
+                    .or_default()
+                    .push_back(CallError::service(api, code, status).with_message("scripted"));
+            }
+        }
+
+        fn enter(&self, api: Api) -> Result<(), CallError> {
+            self.log.lock().unwrap().push(api);
+            match self
+                .script
+                .lock()
+                .unwrap()
+                .get_mut(&api)
+                .and_then(VecDeque::pop_front)
+            {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
+
+        fn calls(&self) -> Vec<Api> {
+            std::mem::take(&mut *self.log.lock().unwrap())
+        }
+
+        fn cert(&self, pem: &str) -> CertRef {
+            let der = pem::parse(pem).unwrap().into_contents();
+            let id = if self.wrong_id {
+                "0".repeat(64)
+            } else {
+                sha256_hex(&der)
+            };
+            CertRef {
+                arn: format!("arn:aws:iot:us-east-1:123456789012:cert/{id}"),
+                id,
+            }
+        }
+    }
+
+    fn absent<'a, T: Send + 'a>(api: Api) -> Call<'a, T> {
+        Box::pin(async move {
+            Err(CallError::bare(api, FailureKind::Request, None).with_message("not in this double"))
+        })
+    }
+
+    impl Registry for Fake {
+        fn get_policy<'a>(&'a self, _: &'a str) -> Call<'a, Option<String>> {
+            absent(Api::GetPolicy)
+        }
+        fn create_policy<'a>(&'a self, _: &'a str, _: &'a str) -> Call<'a, String> {
+            absent(Api::CreatePolicy)
+        }
+        fn describe_thing_type<'a>(&'a self, _: &'a str) -> Call<'a, bool> {
+            absent(Api::DescribeThingType)
+        }
+        fn create_thing_type<'a>(&'a self, _: &'a str, _: &'a [String]) -> Call<'a, ()> {
+            absent(Api::CreateThingType)
+        }
+        fn describe_thing_group<'a>(&'a self, _: &'a str) -> Call<'a, bool> {
+            absent(Api::DescribeThingGroup)
+        }
+        fn create_thing_group<'a>(&'a self, _: &'a str) -> Call<'a, ()> {
+            absent(Api::CreateThingGroup)
+        }
+        fn get_registration_code(&self) -> Call<'_, String> {
+            absent(Api::GetRegistrationCode)
+        }
+        fn describe_ca_certificate<'a>(&'a self, _: &'a str) -> Call<'a, Option<CaInfo>> {
+            Box::pin(async move {
+                self.enter(Api::DescribeCACertificate)?;
+                Ok(self.ca.clone())
+            })
+        }
+        fn register_ca_certificate<'a>(&'a self, _: &'a RegisterCa) -> Call<'a, CertRef> {
+            absent(Api::RegisterCACertificate)
+        }
+        fn activate_ca_certificate<'a>(&'a self, _: &'a str) -> Call<'a, ()> {
+            absent(Api::UpdateCACertificate)
+        }
+        fn describe_provisioning_template<'a>(&'a self, _: &'a str) -> Call<'a, Option<String>> {
+            absent(Api::DescribeProvisioningTemplate)
+        }
+        fn create_provisioning_template<'a>(&'a self, _: &'a NewTemplate) -> Call<'a, String> {
+            absent(Api::CreateProvisioningTemplate)
+        }
+        fn create_keys_and_certificate(&self) -> Call<'_, NewCert> {
+            absent(Api::CreateKeysAndCertificate)
+        }
+        fn describe_certificate<'a>(&'a self, id: &'a str) -> Call<'a, Option<(String, String)>> {
+            Box::pin(async move {
+                self.enter(Api::DescribeCertificate)?;
+                Ok(Some((
+                    format!("arn:aws:iot:us-east-1:123456789012:cert/{id}"),
+                    "ACTIVE".into(),
+                )))
+            })
+        }
+        fn attach_policy<'a>(&'a self, policy: &'a str, target: &'a str) -> Call<'a, ()> {
+            Box::pin(async move {
+                self.enter(Api::AttachPolicy)?;
+                let mut p = self.policies.lock().unwrap();
+                p.entry(target.into()).or_default().push(policy.into());
+                Ok(())
+            })
+        }
+        fn list_attached_policies<'a>(&'a self, target: &'a str) -> Call<'a, Vec<String>> {
+            Box::pin(async move {
+                self.enter(Api::ListAttachedPolicies)?;
+                Ok(self
+                    .policies
+                    .lock()
+                    .unwrap()
+                    .get(target)
+                    .cloned()
+                    .unwrap_or_default())
+            })
+        }
+        fn register_certificate<'a>(&'a self, pem: &'a str, _: &'a str) -> Call<'a, CertRef> {
+            Box::pin(async move {
+                self.enter(Api::RegisterCertificate)?;
+                Ok(self.cert(pem))
+            })
+        }
+        fn register_certificate_without_ca<'a>(&'a self, pem: &'a str) -> Call<'a, CertRef> {
+            Box::pin(async move {
+                self.enter(Api::RegisterCertificateWithoutCA)?;
+                Ok(self.cert(pem))
+            })
+        }
+        fn create_certificate_from_csr<'a>(&'a self, _: &'a str) -> Call<'a, NewCert> {
+            Box::pin(async move {
+                self.enter(Api::CreateCertificateFromCsr)?;
+                Ok(self.csr_answer.clone().expect("a scripted answer"))
+            })
+        }
+        fn create_thing<'a>(&'a self, thing: &'a NewThing) -> Call<'a, String> {
+            Box::pin(async move {
+                self.enter(Api::CreateThing)?;
+                let mut things = self.things.lock().unwrap();
+                match things.get(&thing.name) {
+                    Some(t) if *t != thing.thing_type => Err(CallError::service(
+                        Api::CreateThing,
+                        "ResourceAlreadyExistsException",
+                        409,
+                    )),
+                    _ => {
+                        things.insert(thing.name.clone(), thing.thing_type.clone());
+                        Ok(format!("arn:thing/{}", thing.name))
+                    }
+                }
+            })
+        }
+        fn describe_thing<'a>(&'a self, name: &'a str) -> Call<'a, Option<ThingInfo>> {
+            Box::pin(async move {
+                self.enter(Api::DescribeThing)?;
+                Ok(self.things.lock().unwrap().get(name).map(|t| ThingInfo {
+                    arn: format!("arn:thing/{name}"),
+                    thing_type: t.clone(),
+                    attributes: BTreeMap::new(),
+                }))
+            })
+        }
+        fn add_thing_to_thing_group<'a>(&'a self, _: &'a str, _: &'a str) -> Call<'a, ()> {
+            Box::pin(async move { self.enter(Api::AddThingToThingGroup) })
+        }
+        fn attach_thing_principal<'a>(
+            &'a self,
+            thing: &'a str,
+            principal: &'a str,
+            _: bool,
+        ) -> Call<'a, ()> {
+            Box::pin(async move {
+                self.enter(Api::AttachThingPrincipal)?;
+                let mut p = self.principals.lock().unwrap();
+                p.entry(thing.into()).or_default().push(principal.into());
+                Ok(())
+            })
+        }
+        fn list_thing_principals<'a>(&'a self, thing: &'a str) -> Call<'a, Vec<String>> {
+            Box::pin(async move {
+                self.enter(Api::ListThingPrincipals)?;
+                Ok(self
+                    .principals
+                    .lock()
+                    .unwrap()
+                    .get(thing)
+                    .cloned()
+                    .unwrap_or_default())
+            })
+        }
+        fn register_thing<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a BTreeMap<String, String>,
+        ) -> Call<'a, RegisteredThing> {
+            absent(Api::RegisterThing)
+        }
+    }
+
+    const CONFIG: &str = r#"
+[[policy]]
+name = "SensorPolicy"
+document = "p.json"
+[device]
+policy = "SensorPolicy"
+thing_type = "Sensor"
+groups = ["line-1"]
+"#;
+
+    struct Bench {
+        _dir: tempfile::TempDir,
+        ledger: Ledger,
+        fake: Arc<Fake>,
+        registrar: Registrar,
+        device: Device,
+    }
+
+    const CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";
+
+    fn bench(fake: Fake, mode: Mode, attempts: u32) -> Bench {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(
+            &dir.path().join("l.sqlite"),
+            CaId::of_certificate(b"ca"),
+            LedgerOptions::default(),
+        )
+        .unwrap();
+        let serial = "SN1";
+        ledger
+            .plan(
+                &JobId::new("job.csv", ""),
+                &PlannedDevice {
+                    serial: serial.into(),
+                    thing_name: "sensor_SN1".into(),
+                    line: 2,
+                },
+                false,
+            )
+            .unwrap();
+        ledger
+            .advance(serial, DeviceState::KeyReady, "key")
+            .unwrap();
+        ledger.record_intent(serial, "0a", b"public key").unwrap();
+        let der = b"certificate DER".to_vec();
+        ledger
+            .record_issued("0a", &der, time::macros::datetime!(2035-01-01 0:00 UTC))
+            .unwrap();
+        let fake = Arc::new(fake);
+        let config = StationConfig::parse(Path::new("s.toml"), CONFIG).unwrap();
+        let cloud = Cloud {
+            registry: fake.clone(),
+            limits: Arc::new(ApiLimiters::new(&Limits::default())),
+            policy: RetryPolicy::new(Duration::from_millis(1), Duration::from_millis(2), attempts)
+                .unwrap()
+                .with_jitter(Jitter::seeded(3)),
+        };
+        let device = Device {
+            serial: serial.into(),
+            thing_name: "sensor_SN1".into(),
+            thing_type: config.thing_type_for(None),
+            groups: config.groups_for(&[]),
+            attributes: BTreeMap::new(),
+            cert_serial: "0a".into(),
+            cert_der: der,
+            csr_pem: None,
+        };
+        let registrar = Registrar::new(cloud, mode, Arc::new(config), CA_PEM, b"ca").unwrap();
+        Bench {
+            _dir: dir,
+            ledger,
+            fake,
+            registrar,
+            device,
+        }
+    }
+
+    use std::path::Path;
+
+    fn active_ca() -> Option<CaInfo> {
+        Some(CaInfo {
+            arn: "arn:ca".into(),
+            status: "ACTIVE".into(),
+            auto_registration: Some(true),
+            mode: "DEFAULT".into(),
+        })
+    }
+
+    fn steps(b: &Bench) -> Vec<String> {
+        b.ledger
+            .registration_steps("SN1", "0a")
+            .unwrap()
+            .into_iter()
+            .map(|s| s.step)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_step_fails_the_device_and_the_next_run_resumes_there() {
+        let b = bench(
+            Fake {
+                ca: active_ca(),
+                ..Fake::default()
+            },
+            Mode::Thing,
+            2,
+        );
+        b.fake
+            .fail(Api::AttachThingPrincipal, "ThrottlingException", 400, 2);
+        let err = b
+            .registrar
+            .register(&b.ledger, &b.device)
+            .await
+            .unwrap_err();
+        assert_eq!(err.api, Api::AttachThingPrincipal);
+        assert!(
+            err.manifest_text()
+                .starts_with("AttachThingPrincipal: ThrottlingException"),
+            "{}",
+            err.manifest_text()
+        );
+        assert_eq!(
+            steps(&b),
+            [
+                "create_thing",
+                "add_thing_to_thing_group:line-1",
+                "register_certificate"
+            ]
+        );
+        assert_eq!(
+            b.ledger.device("SN1").unwrap().unwrap().state,
+            DeviceState::Issued
+        );
+        b.fake.calls();
+        let done = b.registrar.register(&b.ledger, &b.device).await.unwrap();
+        assert_eq!(done.certificate_id, sha256_hex(b"certificate DER"));
+        // Nothing before the failed step is called again.
+        assert_eq!(
+            b.fake.calls(),
+            [Api::AttachThingPrincipal, Api::AttachPolicy]
+        );
+        assert_eq!(steps(&b).len(), 5);
+        assert_eq!(
+            b.ledger.device("SN1").unwrap().unwrap().state,
+            DeviceState::Registered
+        );
+        // A third run has nothing left to call.
+        b.registrar.register(&b.ledger, &b.device).await.unwrap();
+        assert!(b.fake.calls().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn already_registered_certificate_and_same_thing_count_as_done() {
+        let b = bench(
+            Fake {
+                ca: active_ca(),
+                ..Fake::default()
+            },
+            Mode::Thing,
+            3,
+        );
+        b.fake
+            .things
+            .lock()
+            .unwrap()
+            .insert("sensor_SN1".into(), Some("Sensor".into()));
+        b.fake.fail(
+            Api::RegisterCertificate,
+            "ResourceAlreadyExistsException",
+            409,
+            1,
+        );
+        b.registrar.register(&b.ledger, &b.device).await.unwrap();
+        let calls = b.fake.calls();
+        assert!(calls.contains(&Api::DescribeCertificate), "{calls:?}");
+        let recorded = b.ledger.registration_steps("SN1", "0a").unwrap();
+        let cert = recorded
+            .iter()
+            .find(|s| s.step == "register_certificate")
+            .unwrap();
+        assert!(cert.resource.ends_with(&sha256_hex(b"certificate DER")));
+        // The thing's principal is the certificate: one of it, not two.
+        let principals = b.fake.principals.lock().unwrap().clone();
+        assert_eq!(principals["sensor_SN1"], vec![cert.resource.clone()]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_thing_of_another_type_is_not_taken_over() {
+        let b = bench(Fake::default(), Mode::Thing, 3);
+        b.fake
+            .things
+            .lock()
+            .unwrap()
+            .insert("sensor_SN1".into(), Some("Camera".into()));
+        let err = b
+            .registrar
+            .register(&b.ledger, &b.device)
+            .await
+            .unwrap_err();
+        assert_eq!(err.api, Api::CreateThing);
+        assert!(err.to_string().contains("another configuration"), "{err}");
+        assert!(steps(&b).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_ca_decides_which_register_call() {
+        let b = bench(Fake::default(), Mode::Certificate, 3);
+        b.registrar.register(&b.ledger, &b.device).await.unwrap();
+        assert_eq!(
+            b.fake.calls(),
+            [
+                Api::DescribeCACertificate,
+                Api::RegisterCertificateWithoutCA
+            ]
+        );
+
+        let inactive = Fake {
+            ca: Some(CaInfo {
+                status: "INACTIVE".into(),
+                ..active_ca().unwrap()
+            }),
+            ..Fake::default()
+        };
+        let b = bench(inactive, Mode::Certificate, 3);
+        let err = b
+            .registrar
+            .register(&b.ledger, &b.device)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not ACTIVE"), "{err}");
+        assert!(!b.fake.calls().contains(&Api::RegisterCertificate));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_certificate_id_that_is_not_the_der_hash_is_refused() {
+        let b = bench(
+            Fake {
+                ca: active_ca(),
+                wrong_id: true,
+                ..Fake::default()
+            },
+            Mode::Certificate,
+            3,
+        );
+        let err = b
+            .registrar
+            .register(&b.ledger, &b.device)
+            .await
+            .unwrap_err();
+        assert_eq!(err.api, Api::RegisterCertificate);
+        assert!(err.to_string().contains("SHA-256"), "{err}");
+        assert!(steps(&b).is_empty());
+        assert_eq!(
+            b.ledger.device("SN1").unwrap().unwrap().state,
+            DeviceState::Issued
+        );
+    }
+
+    fn csr_and_key() -> (String, crate::keygen::PublicKey) {
+        let rng = ring::rand::SystemRandom::new();
+        let key = crate::keygen::generate(crate::keygen::KeyType::P256, &rng).unwrap();
+        let csr = crate::output::bulk::csr_for(&key, "sensor_SN1").unwrap();
+        (csr, key.public_key().clone())
+    }
+
+    #[test]
+    fn a_certificate_over_another_key_is_refused() {
+        let (csr, public) = csr_and_key();
+        let now = time::OffsetDateTime::now_utc();
+        let ca = crate::ca::LocalCa::ephemeral(
+            &crate::ca::CaInit::new(crate::keygen::KeyType::P256, "Test CA"),
+            now,
+        )
+        .unwrap();
+        let profile = crate::ca::DeviceProfile::default();
+        let good = ca
+            .issue_device(&profile, "sensor_SN1", "SN1", &public, now)
+            .unwrap();
+        check_aws_cert(&good.pem(), &good.certificate_id(), &csr).unwrap();
+        let err = check_aws_cert(&good.pem(), &"1".repeat(64), &csr).unwrap_err();
+        assert!(err.contains("SHA-256"), "{err}");
+        let (_, other) = csr_and_key();
+        let wrong = ca
+            .issue_device(&profile, "sensor_SN1", "SN1", &other, now)
+            .unwrap();
+        let err = check_aws_cert(&wrong.pem(), &wrong.certificate_id(), &csr).unwrap_err();
+        assert!(err.contains("does not carry the CSR's public key"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn verify_lists_what_differs() {
+        let b = bench(
+            Fake {
+                ca: active_ca(),
+                ..Fake::default()
+            },
+            Mode::Thing,
+            3,
+        );
+        b.registrar.register(&b.ledger, &b.device).await.unwrap();
+        let reg = b
+            .ledger
+            .reader()
+            .registered_devices(&CaId::of_certificate(b"ca"))
+            .unwrap();
+        assert_eq!(reg.len(), 1);
+        let cloud = &b.registrar.cloud;
+        let diffs = crate::cloud::verify::verify_device(cloud, &reg[0], Some("SensorPolicy"))
+            .await
+            .unwrap();
+        assert!(diffs.is_empty(), "{diffs:?}");
+        // A second principal and a missing policy both show.
+        b.fake
+            .principals
+            .lock()
+            .unwrap()
+            .get_mut("sensor_SN1")
+            .unwrap()
+            .push("arn:aws:iot:us-east-1:123456789012:cert/other".into());
+        b.fake.policies.lock().unwrap().clear();
+        let diffs = crate::cloud::verify::verify_device(cloud, &reg[0], Some("SensorPolicy"))
+            .await
+            .unwrap();
+        let text: Vec<String> = diffs.iter().map(ToString::to_string).collect();
+        assert_eq!(diffs.len(), 2, "{text:?}");
+        assert!(
+            text[0].starts_with("SN1 sensor_SN1: 2 principals"),
+            "{text:?}"
+        );
+        assert!(
+            text[1].contains("policy SensorPolicy is not attached"),
+            "{text:?}"
+        );
+    }
+}

@@ -537,3 +537,62 @@ async fn apply_claim(cloud: &Cloud, dir: &Path, policy: &str) -> Result<Change, 
         change
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::CaInit;
+    use crate::keygen::KeyType;
+
+    fn ca(name: &str) -> LocalCa {
+        LocalCa::ephemeral(&CaInit::new(KeyType::P256, name), OffsetDateTime::now_utc()).unwrap()
+    }
+
+    #[test]
+    fn the_verification_certificate_is_checked_before_it_is_sent() {
+        let now = OffsetDateTime::now_utc();
+        let ours = ca("Our CA");
+        let code = "2ddd1eac-3fe0-492a-bdbb-13ed493ae778";
+        let cert = ours.verification_cert(code, now).unwrap();
+        check_verification(&ours, &cert.der, code).unwrap();
+        let err = check_verification(&ours, &cert.der, "another-code").unwrap_err();
+        assert!(err.contains("is not the registration code"), "{err}");
+        let theirs = ca("Their CA").verification_cert(code, now).unwrap();
+        let err = check_verification(&ours, &theirs.der, code).unwrap_err();
+        assert!(err.contains("does not chain to the CA"), "{err}");
+    }
+
+    #[test]
+    fn plan_reads_and_checks_everything_before_any_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write(
+            "p.json",
+            r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#,
+        );
+        write("bad.json", r#"{"Statement":[]}"#);
+        write(
+            "s.toml",
+            "[[policy]]\nname = \"P\"\ndocument = \"p.json\"\n[[thing_group]]\nname = \"g\"\n",
+        );
+        let config = StationConfig::load(&dir.path().join("s.toml")).unwrap();
+        let plan = plan(&config, OffsetDateTime::now_utc()).unwrap();
+        let calls: Vec<_> = plan.iter().flat_map(Resource::calls).collect();
+        assert_eq!(
+            calls,
+            [
+                (Api::CreatePolicy, "P".to_string()),
+                (Api::CreateThingGroup, "g".to_string())
+            ]
+        );
+        write(
+            "s.toml",
+            "[[policy]]\nname = \"P\"\ndocument = \"bad.json\"\n",
+        );
+        let config = StationConfig::load(&dir.path().join("s.toml")).unwrap();
+        let err = super::plan(&config, OffsetDateTime::now_utc())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.json") && err.contains("Version"), "{err}");
+    }
+}
