@@ -9,6 +9,7 @@ mod it {
     mod bench;
     mod ca;
     mod cloud;
+    mod cloud_load;
     mod cloud_register;
     mod faults;
     mod jitp;
