@@ -330,3 +330,42 @@ fn aws_signed_certificate_over_another_key_fails_the_device() {
     v.expect_code(0);
     assert!(v.stdout.contains("0 registered device(s) checked"), "{v}");
 }
+
+#[test]
+fn batch_dry_run_prints_every_registration_call_and_makes_none() {
+    let bed = Bed::new(Faults::none());
+    let job = bed.tmp.path().join("job.csv");
+    write_serial_job(&job, 3);
+    let cfg = bed.config("station-devices.toml");
+    let mut args = batch_args(&job, &bed.ca, &out_dir(&bed), &["--dry-run"]);
+    args.extend([
+        "--register".into(),
+        "thing".into(),
+        "--cloud-config".into(),
+        cfg.into_os_string(),
+    ]);
+    let run = bed.run(&args);
+    run.expect_code(0);
+    for i in 1..=3 {
+        let thing = format!("sensor_SN-{i:06}");
+        for want in [
+            format!("would call CreateThing {thing}"),
+            format!("would call AddThingToThingGroup {thing} line-1"),
+            format!("would call RegisterCertificate {thing}"),
+            format!("would call AttachThingPrincipal {thing}"),
+            format!("would call AttachPolicy {thing}"),
+        ] {
+            assert!(run.stdout.contains(&want), "missing `{want}`\n{run}");
+        }
+    }
+    assert!(
+        bed.proxy.calls().is_empty(),
+        "--dry-run called AWS: {:?}",
+        bed.proxy.tally()
+    );
+    assert_eq!(
+        count_device_dirs(&out_dir(&bed)),
+        0,
+        "--dry-run issued devices"
+    );
+}
