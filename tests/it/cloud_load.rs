@@ -23,6 +23,17 @@ use crate::util::moto::spawn_provline_aws;
 use crate::util::proxy::{window_stats, Call, Faults, Rng};
 use crate::util::*;
 
+/// The load tests run one at a time: each measures the station's pacing or
+/// pushes moto to what it serves, and two at once on a small machine would
+/// measure each other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The limiter's burst (tokens): the station's default.
 const BURST: usize = 1;
 /// The attempts per call the load tests allow (`--retry-budget`).
@@ -70,6 +81,7 @@ fn load_args(bed: &Bed, n: usize, mode: &str, extra: &[&str]) -> Vec<std::ffi::O
 /// Runs `n` devices with `api` limited to `limit` calls/s and checks the
 /// rate moto saw.
 fn rate_holds(limit: usize, n: usize, mode: &str, api: &str, extra: &[&str]) {
+    let _serial = one_at_a_time();
     let bed = Bed::new(Faults::none());
     setup_ok(&bed, "station-load.toml");
     let rate = format!("{api}={limit}");
@@ -237,6 +249,7 @@ fn check_budget(calls: &[Call], what: &str) {
 
 #[test]
 fn thousand_devices_through_30_percent_throttling_all_register_once() {
+    let _serial = one_at_a_time();
     let seed = seed();
     eprintln!("cloud load: seed {seed} (PROVLINE_CLOUD_SEED={seed} replays the faults)");
     let bed = Bed::new(Faults::none());
@@ -263,6 +276,7 @@ fn thousand_devices_through_30_percent_throttling_all_register_once() {
 
 #[test]
 fn thousand_devices_killed_mid_registration_then_rerun_all_register_once() {
+    let _serial = one_at_a_time();
     let seed = seed();
     eprintln!("cloud kill: seed {seed} (PROVLINE_CLOUD_SEED={seed} replays)");
     let mut rng = Rng::from_seed(seed);
