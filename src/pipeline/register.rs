@@ -11,7 +11,7 @@ use crate::cloud::cli::BatchCloud;
 use crate::cloud::register::{Device, Mode, Registered};
 use crate::fsx;
 use crate::job::{DeviceRequest, KeySource};
-use crate::output::bulk;
+use crate::output::{bulk, ManifestRow};
 use crate::progress::Outcome;
 
 /// In `aws-signed` mode: the certificate Amazon's CA signed, beside the
@@ -140,10 +140,21 @@ fn write_aws_cert(
 }
 
 fn failed(shared: &Shared<'_>, req: &DeviceRequest, problem: String, done: &Done) {
+    let (row, outcome) = failure(shared, req, problem);
+    send(done, row, outcome);
+}
+
+/// Records a registration failure in the ledger; the manifest row, whose
+/// error is `problem` as it is (`<Api>: <error>`).
+pub(crate) fn failure(
+    shared: &Shared<'_>,
+    req: &DeviceRequest,
+    problem: String,
+) -> (ManifestRow, Outcome) {
     if let Ok(pending) = shared.ledger.submit_fail(&req.serial, &problem) {
         let _ = pending.wait();
     }
     let mut row = device::failed_row(&device::row_error(req, problem.clone()));
     row.error = problem;
-    send(done, row, Outcome::Failed);
+    (row, Outcome::Failed)
 }

@@ -192,7 +192,11 @@ pub(crate) fn prepare(
 ) -> Result<Option<(ManifestRow, Outcome)>, String> {
     let deliver = |live: &LiveCert| -> Result<Option<(ManifestRow, Outcome)>, String> {
         if let Some(cloud) = shared.cloud {
-            super::register::register_one(shared, cloud, req, &live.serial, &live.der)?;
+            if let Err(problem) =
+                super::register::register_one(shared, cloud, req, &live.serial, &live.der)
+            {
+                return Ok(Some(super::register::failure(shared, req, problem)));
+            }
         }
         shared
             .ledger
