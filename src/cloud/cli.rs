@@ -345,15 +345,17 @@ impl BatchCloud {
     }
 
     /// Registers `devices` concurrently, blocking the calling thread (not a
-    /// runtime thread) until every one is registered or failed.
+    /// runtime thread) until every one is registered, failed, or (`None`)
+    /// left for the next run because `stop` was set first.
     pub fn register(
         &self,
         ledger: &Ledger,
         devices: &[Device],
-    ) -> Vec<Result<Registered, CloudError>> {
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Vec<Option<Result<Registered, CloudError>>> {
         self.runtime
             .handle()
-            .block_on(self.registrar.register_all(ledger, devices))
+            .block_on(self.registrar.register_all(ledger, devices, stop))
     }
 }
 

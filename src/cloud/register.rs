@@ -20,6 +20,7 @@
 //! the certificate CreateCertificateFromCsr returns carries the CSR's key.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures_util::future::join_all;
@@ -257,15 +258,21 @@ impl Registrar {
     }
 
     /// Registers many devices at once (at most [`MAX_IN_FLIGHT`] in
-    /// flight); each answer in the order given.
+    /// flight); each answer in the order given. Once `stop` is set, devices
+    /// not started yet are left as they are (`None`): the ledger holds them
+    /// `issued`, and the next run registers them.
     pub async fn register_all(
         &self,
         ledger: &Ledger,
         devices: &[Device],
-    ) -> Vec<Result<Registered, CloudError>> {
+        stop: &AtomicBool,
+    ) -> Vec<Option<Result<Registered, CloudError>>> {
         join_all(devices.iter().map(|d| async move {
             let _permit = self.in_flight.acquire().await;
-            self.register(ledger, d).await
+            if stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            Some(self.register(ledger, d).await)
         }))
         .await
     }

@@ -374,6 +374,11 @@ fn work_chunk(
         }
         send(done, failed_row(&row_error(req, problem)), Outcome::Failed);
     };
+    // Devices of an earlier run still to register: registered together first.
+    let chunk = match shared.cloud {
+        Some(cloud) => register::register_resumed(shared, cloud, chunk, done),
+        None => chunk,
+    };
     // Stage 1: keys, and intents queued.
     let mut intents: Vec<(Staged, Pending<()>)> = Vec::with_capacity(chunk.len());
     for (req, action) in chunk {

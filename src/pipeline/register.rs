@@ -3,8 +3,11 @@
 //! [`MAX_IN_FLIGHT`](crate::cloud::register::MAX_IN_FLIGHT) at once) before
 //! they are `delivered`. A device whose registration fails is `failed` in
 //! the ledger and the manifest with `<Api>: <error>`; its bundle stays, so
-//! the next run picks it up at the step it stopped on.
+//! the next run picks it up at the step it stopped on. After Ctrl-C,
+//! devices whose registration has not started are left `issued` for the
+//! next run; those in flight finish.
 
+use super::resume::Action;
 use super::{device, send, Done, Shared, Staged};
 use crate::ca::IssuedCert;
 use crate::cloud::cli::BatchCloud;
@@ -44,9 +47,12 @@ pub(crate) fn register_chunk(
             Err(problem) => failed(shared, &w.0.req, problem, done),
         }
     }
-    let results = cloud.register(shared.ledger, &devices);
+    let results = cloud.register(shared.ledger, &devices, shared.stop);
     let mut registered = Vec::with_capacity(ready.len());
     for (w, result) in ready.into_iter().zip(results) {
+        // Stopped before it started: issued, bundle written; the next run
+        // registers it.
+        let Some(result) = result else { continue };
         match result.map_err(|e| e.manifest_text()).and_then(|r| {
             write_aws_cert(shared, &w.0.req, &r)?;
             Ok(r)
@@ -58,6 +64,59 @@ pub(crate) fn register_chunk(
     registered
 }
 
+/// Registers, together, the devices of a chunk that an earlier run issued
+/// (adopted or re-delivered); returns the chunk without those that failed
+/// (answered here) or were left for the next run. The rest of their way
+/// (`resume::prepare`) then finds their steps recorded and calls nothing.
+pub(crate) fn register_resumed(
+    shared: &Shared<'_>,
+    cloud: &BatchCloud,
+    chunk: Vec<(DeviceRequest, Action)>,
+    done: &Done,
+) -> Vec<(DeviceRequest, Action)> {
+    let mut devices = Vec::new();
+    let mut slots = Vec::with_capacity(chunk.len());
+    for (req, action) in &chunk {
+        slots.push(match action.live() {
+            Some((serial, der)) => match resumed_device(shared, cloud, req, serial, der) {
+                Ok(dev) => {
+                    devices.push(dev);
+                    Some(Ok(devices.len() - 1))
+                }
+                Err(problem) => Some(Err(problem)),
+            },
+            None => None,
+        });
+    }
+    if devices.is_empty() && slots.iter().all(Option::is_none) {
+        return chunk;
+    }
+    let mut results: Vec<_> = cloud
+        .register(shared.ledger, &devices, shared.stop)
+        .into_iter()
+        .map(Some)
+        .collect();
+    let mut kept = Vec::with_capacity(chunk.len());
+    for ((req, action), slot) in chunk.into_iter().zip(slots) {
+        let outcome = match slot {
+            None => {
+                kept.push((req, action));
+                continue;
+            }
+            Some(Err(problem)) => Err(problem),
+            Some(Ok(i)) => match results[i].take().flatten() {
+                None => continue,
+                Some(result) => result.map_err(|e| e.manifest_text()),
+            },
+        };
+        match outcome {
+            Ok(_) => kept.push((req, action)),
+            Err(problem) => failed(shared, &req, problem, done),
+        }
+    }
+    kept
+}
+
 /// Registers one device resumed from an earlier run (its bundle is on
 /// disk); `Err` is the manifest's `<Api>: <error>`.
 pub(crate) fn register_one(
@@ -67,6 +126,26 @@ pub(crate) fn register_one(
     cert_serial: &str,
     der: &[u8],
 ) -> Result<(), String> {
+    let dev = resumed_device(shared, cloud, req, cert_serial, der)?;
+    let go_on = std::sync::atomic::AtomicBool::new(false);
+    let mut results = cloud.register(shared.ledger, std::slice::from_ref(&dev), &go_on);
+    let registered = results
+        .pop()
+        .flatten()
+        .ok_or_else(|| "registration gave no answer".to_string())?
+        .map_err(|e| e.manifest_text())?;
+    write_aws_cert(shared, req, &registered)
+}
+
+/// The registration of a device an earlier run issued: its CSR, when the
+/// mode needs one, from the job's CSR file or the key in its folder.
+fn resumed_device(
+    shared: &Shared<'_>,
+    cloud: &BatchCloud,
+    req: &DeviceRequest,
+    cert_serial: &str,
+    der: &[u8],
+) -> Result<Device, String> {
     let csr = || match &req.key {
         KeySource::Csr(path) => std::fs::read(path)
             .map_err(|e| format!("{}: {e}", path.display()))
@@ -81,13 +160,7 @@ pub(crate) fn register_one(
                 .and_then(|pem| bulk::csr_for_pem(&pem, &req.thing_name))
         }
     };
-    let dev = cloud_device(cloud, req, cert_serial, der, csr)?;
-    let mut results = cloud.register(shared.ledger, std::slice::from_ref(&dev));
-    let registered = results
-        .pop()
-        .ok_or_else(|| "registration gave no answer".to_string())?
-        .map_err(|e| e.manifest_text())?;
-    write_aws_cert(shared, req, &registered)
+    cloud_device(cloud, req, cert_serial, der, csr)
 }
 
 fn cloud_device(

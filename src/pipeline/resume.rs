@@ -30,6 +30,19 @@ pub(crate) enum Action {
     Reissue,
 }
 
+impl Action {
+    /// The live certificate (serial, DER) of a device whose bundle is, or
+    /// is about to be, delivered as it is: what registration registers.
+    pub(crate) fn live(&self) -> Option<(&str, &[u8])> {
+        match self {
+            Action::Adopt(live) | Action::Redeliver(live) => {
+                Some((live.serial.as_str(), live.der.as_slice()))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A live certificate as the ledger holds it.
 #[derive(Debug)]
 pub(crate) struct LiveCert {
