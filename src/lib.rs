@@ -6,9 +6,11 @@
 //!  job CSV rows ──> job ──> keygen (station key) ──┐
 //!                     └───> csr (device's CSR) ────┴─> ca (sign) ──> output (bundle, manifest)
 //!                                                        │
-//!          ledger: planned -> intent -> issued -> delivered, committed before each next step
+//!          ledger: planned -> intent -> issued -> [registered] -> delivered, committed before each next step
+//!                                                  │
+//!                         cloud: paced AWS IoT calls (setup, per-device registration, verify)
 //!
-//!  the line (next):  device (frames, messages) <-> serial port;  cloud (paced AWS IoT calls)
+//!  the line (next):  device (frames, messages) <-> serial port
 //! ```
 //!
 //! - [`job`]: the job CSV, row by row, each row checked and numbered;
@@ -16,14 +18,15 @@
 //! - [`csr`]: CSRs made by devices, verified and checked against the allowlist;
 //! - [`ca`]: the local CA, its signer, the certificate profile, issuance;
 //! - [`device`]: the line's link protocol to devices: frames, messages, chunked transfers;
-//! - [`cloud`]: what AWS IoT Core needs from the station (JITP template checks);
+//! - [`cloud`]: AWS IoT Core: account setup, per-device registration, verification, pacing;
 //! - [`ledger`]: the durable record of every device and certificate (SQLite);
 //! - [`output`]: device bundles, the manifest and bulk-registration JSONL, written atomically;
 //! - [`pipeline`]: a batch job from rows to bundles on every core;
 //! - [`progress`]: the live bar and the summary;
 //! - [`mod@bench`]: throughput of each stage against the raw crypto it rests on.
 //!
-//! Edges are traits: the CA [`ca::signer::Signer`] and the [`clock::Clock`].
+//! Edges are traits: the CA [`ca::signer::Signer`], the [`clock::Clock`] and
+//! AWS IoT [`cloud::registry::Registry`].
 #![forbid(unsafe_code, unused_must_use)]
 #![warn(missing_docs)]
 

@@ -57,6 +57,8 @@ enum Command {
     /// The ledger of issued certificates.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// AWS IoT Core: account setup, verification of registered devices.
+    Cloud(provline::cloud::cli::CloudArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,6 +144,8 @@ struct BatchArgs {
     /// Also write the newline-delimited JSON of AWS IoT bulk registration here.
     #[arg(long)]
     bulk_jsonl: Option<PathBuf>,
+    #[command(flatten)]
+    cloud: provline::cloud::cli::RegisterArgs,
 }
 
 fn parse_durability(s: &str) -> Result<ledger::Durability, String> {
@@ -271,6 +275,9 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Batch(args) => batch(cli, args, &clock),
+        Command::Cloud(args) => Ok(ExitCode::from(provline::cloud::cli::run(
+            args, cli.json, cli.quiet,
+        )?)),
         Command::Ledger(LedgerCommand::Export { ledger, format }) => export(ledger, format),
         Command::Bench(args) => {
             let config = BenchConfig {
@@ -333,10 +340,21 @@ fn batch(cli: &Cli, args: &BatchArgs, clock: &dyn Clock) -> Result<ExitCode> {
     if !args.job.is_file() {
         return Err(Usage(format!("{}: no such job file", args.job.display())).into());
     }
+    if args.cloud.dry_run {
+        let job_config = JobConfig {
+            thing_name_pattern: args.thing_name_pattern.clone(),
+            default_key: args.key,
+            track_duplicates: false,
+        };
+        let code =
+            provline::cloud::cli::dry_run_batch(&args.job, &job_config, &args.cloud, cli.json)?;
+        return Ok(ExitCode::from(code));
+    }
     let ca = match &args.ca {
         Some(dir) => LocalCa::load(dir, clock.now())?,
         None => dev_ca(Path::new(DEV_CA_DIR), clock, cli.quiet)?,
     };
+    let cloud = provline::cloud::cli::BatchCloud::prepare(&args.cloud, &ca)?;
     let out = args
         .out
         .clone()
@@ -376,7 +394,7 @@ fn batch(cli: &Cli, args: &BatchArgs, clock: &dyn Clock) -> Result<ExitCode> {
         progress.record(outcome);
     };
     let stop = AtomicBool::new(false);
-    let result = pipeline::run(&ca, &config, clock, &stop, &mut report);
+    let result = pipeline::run_registering(&ca, &config, cloud.as_ref(), clock, &stop, &mut report);
     progress.finish();
     let summary = result?;
     if cli.json {

@@ -8,6 +8,9 @@ mod it {
     mod bad_inputs;
     mod bench;
     mod ca;
+    mod cloud;
+    mod cloud_load;
+    mod cloud_register;
     mod faults;
     mod jitp;
     mod kill;

@@ -413,10 +413,16 @@ impl LocalCa {
         now: OffsetDateTime,
     ) -> Result<IssuedCert, IssueError> {
         let code = registration_code.trim();
-        if code.is_empty() || code.len() > 64 || !code.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        // AWS's codes are 64 hex digits; local stand-ins answer a UUID.
+        if code.is_empty()
+            || code.len() > 64
+            || !code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             return Err(IssueError::Subject(dn::DnError::BadValue {
                 attr: "CN".into(),
-                reason: format!("{code:?} is not a registration code (1-64 letters and digits)"),
+                reason: format!(
+                    "{code:?} is not a registration code (1-64 letters, digits and dashes)"
+                ),
             }));
         }
         let key = keygen::generate(KeyType::P256, &self.rng)

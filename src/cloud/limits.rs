@@ -128,11 +128,15 @@ pub enum Api {
     ListThingRegistrationTaskReports,
     /// DescribeEndpoint (rate not published: guessed).
     DescribeEndpoint,
+    /// DescribeThingType (rate not published: guessed).
+    DescribeThingType,
+    /// DescribeThingGroup (rate not published: guessed).
+    DescribeThingGroup,
 }
 
 impl Api {
     /// Every API, in declaration order.
-    pub const ALL: [Api; 32] = [
+    pub const ALL: [Api; 34] = [
         Api::CreateThing,
         Api::DescribeThing,
         Api::UpdateThing,
@@ -165,6 +169,8 @@ impl Api {
         Api::StartThingRegistrationTask,
         Api::ListThingRegistrationTaskReports,
         Api::DescribeEndpoint,
+        Api::DescribeThingType,
+        Api::DescribeThingGroup,
     ];
 
     /// The operation name, as AWS spells it.
@@ -202,6 +208,8 @@ impl Api {
             Api::StartThingRegistrationTask => "StartThingRegistrationTask",
             Api::ListThingRegistrationTaskReports => "ListThingRegistrationTaskReports",
             Api::DescribeEndpoint => "DescribeEndpoint",
+            Api::DescribeThingType => "DescribeThingType",
+            Api::DescribeThingGroup => "DescribeThingGroup",
         }
     }
 
@@ -888,6 +896,8 @@ mod tests {
                 Api::StartThingRegistrationTask => 29,
                 Api::ListThingRegistrationTaskReports => 30,
                 Api::DescribeEndpoint => 31,
+                Api::DescribeThingType => 32,
+                Api::DescribeThingGroup => 33,
             }
         }
         for (i, api) in Api::ALL.into_iter().enumerate() {

@@ -34,6 +34,11 @@ pub(crate) enum WriteOp {
         serial: String,
         reason: String,
     },
+    RegistrationStep {
+        serial: String,
+        cert_serial: String,
+        record: super::registration::StepRecord,
+    },
 }
 
 impl WriteOp {
@@ -46,6 +51,12 @@ impl WriteOp {
             WriteOp::Issued { cert_serial, .. } => format!("recording certificate {cert_serial}"),
             WriteOp::Supersede { serial, .. } => {
                 format!("superseding the certificate of device {serial}")
+            }
+            WriteOp::RegistrationStep { serial, record, .. } => {
+                format!(
+                    "recording registration step {} of device {serial}",
+                    record.step
+                )
             }
         }
     }
@@ -279,6 +290,13 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
                 .map_err(sql)?;
             }
             Ok(())
+        }
+        WriteOp::RegistrationStep {
+            serial,
+            cert_serial,
+            record,
+        } => {
+            super::registration::write_step(conn, ctx, serial, cert_serial, record, &op.describe())
         }
     }
 }

@@ -16,6 +16,7 @@
 //!   each checks the lifecycle and appends one event per change;
 //! - `writer`: group commit, one thread, one transaction for many operations;
 //! - [`reader`]: resume queries, the audit trail, the export;
+//! - [`registration`]: cloud registration steps, one row per device and step;
 //! - `schema`: tables, `user_version` migrations, opening a connection.
 //!
 //! # The lifecycle
@@ -75,6 +76,7 @@ mod checkpoint;
 mod error;
 mod lifecycle;
 pub mod reader;
+pub mod registration;
 mod schema;
 mod store;
 pub mod types;
@@ -387,6 +389,34 @@ impl Ledger {
             reason: reason.to_string(),
         })?
         .wait()
+    }
+
+    /// Records a cloud registration step of device `serial`'s live
+    /// certificate `cert_serial` (a step recorded twice keeps its first
+    /// record).
+    pub fn record_step(
+        &self,
+        serial: &str,
+        cert_serial: &str,
+        record: &registration::StepRecord,
+    ) -> Result<(), LedgerError> {
+        self.submit(WriteOp::RegistrationStep {
+            serial: serial.to_string(),
+            cert_serial: cert_serial.to_ascii_lowercase(),
+            record: record.clone(),
+        })?
+        .wait()
+    }
+
+    /// The registration steps recorded for certificate `cert_serial` of
+    /// device `serial`, oldest first.
+    pub fn registration_steps(
+        &self,
+        serial: &str,
+        cert_serial: &str,
+    ) -> Result<Vec<registration::StepRecord>, LedgerError> {
+        self.reader
+            .registration_steps(&self.ca, serial, cert_serial)
     }
 
     /// Where device `serial` stands, if it is in the ledger.

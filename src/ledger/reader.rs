@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::error::LedgerError;
+use super::registration::{self, RegisteredDevice, StepRecord};
 use super::schema;
 use super::store;
 use super::types::{CaId, CertificateRow, DeviceStatus, Event, JobId};
@@ -148,6 +149,25 @@ impl LedgerReader {
             f(read().map_err(self.err(op))?)?;
         }
         Ok(())
+    }
+
+    /// The registration steps of certificate `cert_serial` of device
+    /// `serial` under `ca`, oldest first.
+    pub fn registration_steps(
+        &self,
+        ca: &CaId,
+        serial: &str,
+        cert_serial: &str,
+    ) -> Result<Vec<StepRecord>, LedgerError> {
+        registration::steps(&self.conn(), ca, serial, &cert_serial.to_ascii_lowercase())
+            .map_err(self.err(format!("reading the registration steps of device {serial}")))
+    }
+
+    /// Every device of `ca` the ledger holds as registered (or past it)
+    /// with registration steps for its live certificate.
+    pub fn registered_devices(&self, ca: &CaId) -> Result<Vec<RegisteredDevice>, LedgerError> {
+        registration::registered(&self.conn(), ca)
+            .map_err(self.err("reading the registered devices"))
     }
 
     /// SQLite's `PRAGMA integrity_check`: `["ok"]` for a sound file.

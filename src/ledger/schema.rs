@@ -150,6 +150,23 @@ CREATE TRIGGER events_no_update BEFORE UPDATE ON events
 CREATE TRIGGER events_no_delete BEFORE DELETE ON events
     BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 "#,
+    // 2 -> 3: cloud registration steps, one row per device, certificate and step.
+    r#"
+CREATE TABLE registration_steps (
+    ca              TEXT NOT NULL,
+    device_serial   TEXT NOT NULL,
+    cert_serial     TEXT NOT NULL,
+    step            TEXT NOT NULL,
+    mode            TEXT NOT NULL,
+    thing_name      TEXT NOT NULL,
+    certificate_id  TEXT NOT NULL,
+    resource        TEXT NOT NULL,
+    detail          TEXT NOT NULL,
+    done            TEXT NOT NULL,
+    UNIQUE (ca, device_serial, cert_serial, step),
+    FOREIGN KEY (ca, device_serial) REFERENCES devices (ca, serial)
+);
+"#,
 ];
 
 /// The schema version this station writes.

@@ -18,6 +18,7 @@
 //! through bounded queues and uniqueness is checked by the ledger.
 
 pub mod device;
+mod register;
 mod resume;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ use ring::rand::SystemRandom;
 
 use crate::ca::{DeviceProfile, LocalCa};
 use crate::clock::Clock;
+use crate::cloud::cli::BatchCloud;
 use crate::job::{DeviceRequest, JobConfig, JobError, JobReader, KeySource, RowError};
 use crate::keygen::DeviceKey;
 use crate::ledger::{self, CaId, DeviceState, JobId, Ledger, LedgerError, LedgerOptions, Pending};
@@ -140,6 +142,8 @@ pub(crate) struct Shared<'a> {
     clock: &'a dyn Clock,
     stop: &'a AtomicBool,
     fatal: Mutex<Option<BatchError>>,
+    /// Per-device cloud registration, between `issued` and `delivered`.
+    cloud: Option<&'a BatchCloud>,
 }
 
 impl Shared<'_> {
@@ -206,6 +210,19 @@ pub fn run(
     stop: &AtomicBool,
     observe: &mut dyn FnMut(&ManifestRow, Outcome),
 ) -> Result<BatchSummary, BatchError> {
+    run_registering(ca, config, None, clock, stop, observe)
+}
+
+/// [`run`], registering every device with AWS IoT through `cloud` between
+/// `issued` and `delivered` (`None`: no per-device registration).
+pub fn run_registering(
+    ca: &LocalCa,
+    config: &BatchConfig,
+    cloud: Option<&BatchCloud>,
+    clock: &dyn Clock,
+    stop: &AtomicBool,
+    observe: &mut dyn FnMut(&ManifestRow, Outcome),
+) -> Result<BatchSummary, BatchError> {
     let started = Instant::now();
     config.profile.fixed_subject()?;
     let job_config = JobConfig {
@@ -242,6 +259,7 @@ pub fn run(
         clock,
         stop,
         fatal: Mutex::new(None),
+        cloud,
     };
     let threads = config.threads.max(1);
     let (work_tx, work_rx) =
@@ -329,9 +347,9 @@ pub(crate) fn send(done: &Done, row: ManifestRow, outcome: Outcome) {
 }
 
 /// A device between its stages.
-struct Staged {
-    req: DeviceRequest,
-    key: KeyMaterial,
+pub(crate) struct Staged {
+    pub(crate) req: DeviceRequest,
+    pub(crate) key: KeyMaterial,
     cert_serial: [u8; crate::ca::serial::SERIAL_LEN],
 }
 
@@ -355,6 +373,11 @@ fn work_chunk(
             shared.abort(BatchError::Ledger(e));
         }
         send(done, failed_row(&row_error(req, problem)), Outcome::Failed);
+    };
+    // Devices of an earlier run still to register: registered together first.
+    let chunk = match shared.cloud {
+        Some(cloud) => register::register_resumed(shared, cloud, chunk, done),
+        None => chunk,
     };
     // Stage 1: keys, and intents queued.
     let mut intents: Vec<(Staged, Pending<()>)> = Vec::with_capacity(chunk.len());
@@ -432,8 +455,8 @@ fn work_chunk(
             Err(e) => ledger_failed(&staged.req, e),
         }
     }
-    // Stage 3: deliver what the ledger holds as issued.
-    let mut delivered = Vec::with_capacity(issued.len());
+    // Stage 3: write the bundles of what the ledger holds as issued.
+    let mut written = Vec::with_capacity(issued.len());
     for (staged, cert, certificate_id, pending) in issued {
         if let Err(e) = pending.wait() {
             ledger_failed(&staged.req, e);
@@ -462,6 +485,15 @@ fn work_chunk(
                 shared.abort(bulk_error(bulk, &staged.req.serial, problem));
             }
         }
+        written.push((staged, cert, certificate_id));
+    }
+    // Stage 4 (with --register): register the chunk with AWS IoT, paced.
+    if let Some(cloud) = shared.cloud {
+        written = register::register_chunk(shared, cloud, written, done);
+    }
+    // Stage 5: delivered.
+    let mut delivered = Vec::with_capacity(written.len());
+    for (staged, cert, certificate_id) in written {
         match shared.ledger.submit_advance(
             &staged.req.serial,
             DeviceState::Delivered,

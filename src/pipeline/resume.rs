@@ -30,6 +30,19 @@ pub(crate) enum Action {
     Reissue,
 }
 
+impl Action {
+    /// The live certificate (serial, DER) of a device whose bundle is, or
+    /// is about to be, delivered as it is: what registration registers.
+    pub(crate) fn live(&self) -> Option<(&str, &[u8])> {
+        match self {
+            Action::Adopt(live) | Action::Redeliver(live) => {
+                Some((live.serial.as_str(), live.der.as_slice()))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A live certificate as the ledger holds it.
 #[derive(Debug)]
 pub(crate) struct LiveCert {
@@ -191,6 +204,13 @@ pub(crate) fn prepare(
     action: Action,
 ) -> Result<Option<(ManifestRow, Outcome)>, String> {
     let deliver = |live: &LiveCert| -> Result<Option<(ManifestRow, Outcome)>, String> {
+        if let Some(cloud) = shared.cloud {
+            if let Err(problem) =
+                super::register::register_one(shared, cloud, req, &live.serial, &live.der)
+            {
+                return Ok(Some(super::register::failure(shared, req, problem)));
+            }
+        }
         shared
             .ledger
             .advance(&req.serial, DeviceState::Delivered, &live.certificate_id)

@@ -8,6 +8,8 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod moto;
+pub mod proxy;
 pub mod py;
 
 use std::collections::hash_map::RandomState;
