@@ -37,6 +37,7 @@ pub mod fsx;
 pub mod job;
 pub mod keygen;
 pub mod ledger;
+pub mod line;
 pub mod output;
 pub mod pipeline;
 pub mod progress;

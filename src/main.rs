@@ -57,6 +57,8 @@ enum Command {
     /// The ledger of issued certificates.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Provision devices on serial/USB ports, every port at once.
+    Flash(Box<provline::line::FlashArgs>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -272,6 +274,11 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         }
         Command::Batch(args) => batch(cli, args, &clock),
         Command::Ledger(LedgerCommand::Export { ledger, format }) => export(ledger, format),
+        Command::Flash(args) => match provline::line::flash::command(args, cli.json, cli.quiet) {
+            Ok(code) => Ok(ExitCode::from(code)),
+            Err(provline::line::FlashError::Usage(e)) => Err(Usage(e).into()),
+            Err(e) => Err(e.into()),
+        },
         Command::Bench(args) => {
             let config = BenchConfig {
                 count: args.count.unwrap_or(
