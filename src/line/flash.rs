@@ -340,7 +340,6 @@ pub fn run(
         let mut running: HashMap<String, std::thread::ScopedJoinHandle<'_, ()>> = HashMap::new();
         let mut finished: HashSet<String> = HashSet::new();
         let start = |port: String, running: &mut HashMap<_, _>| {
-            let station = station;
             let outcomes = &outcomes;
             let name = port.clone();
             let handle = scope.spawn(move || {

@@ -448,18 +448,16 @@ enum Flow {
     /// The device was reset (or lost the session): start again from `Hello`.
     Restart(String),
     /// The device fails.
-    Fail(SessionError),
+    Fail(Box<SessionError>),
 }
 
-impl From<SessionError> for Flow {
-    fn from(e: SessionError) -> Flow {
-        Flow::Fail(e)
-    }
+fn fail(e: SessionError) -> Flow {
+    Flow::Fail(Box::new(e))
 }
 
 impl From<LinkError> for Flow {
     fn from(e: LinkError) -> Flow {
-        Flow::Fail(SessionError::Link(e))
+        fail(SessionError::Link(e))
     }
 }
 
@@ -528,6 +526,7 @@ impl Station<'_> {
                 })
             }
             Err(error) => {
+                let error = *error;
                 if let Some(serial) = &serial {
                     if session.planned {
                         // The failure is recorded where it can be; a ledger
@@ -556,7 +555,7 @@ fn unreachable_passed() -> ! {
 }
 
 impl<T: Transport + ?Sized> Session<'_, '_, T> {
-    fn run(&mut self) -> Result<(), SessionError> {
+    fn run(&mut self) -> Result<(), Box<SessionError>> {
         let mut state = State::Hello;
         loop {
             self.step = match state {
@@ -590,12 +589,12 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 Err(Flow::Restart(why)) => {
                     self.restarts += 1;
                     if self.restarts > self.station.config.max_restarts {
-                        return Err(SessionError::TooManyRestarts {
+                        return Err(Box::new(SessionError::TooManyRestarts {
                             port: self.port(),
                             serial: self.serial(),
                             restarts: self.restarts - 1,
                             last: why,
-                        });
+                        }));
                     }
                     tracing::info!(port = %self.port(), serial = %self.serial(), "restarting the session: {why}");
                     State::Hello
@@ -621,8 +620,22 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         }
     }
 
+    /// Moves the device forward to `to` in the ledger, unless it is there
+    /// or further already (a device passing again keeps `verified`).
+    fn advance(&self, to: DeviceState, detail: &str) -> Result<(), Flow> {
+        let serial = self.serial();
+        let ledger = self.station.ledger;
+        let now = ledger.device(&serial).map_err(|e| self.ledger_err(e))?;
+        if now.is_some_and(|d| d.state != DeviceState::Failed && d.state >= to) {
+            return Ok(());
+        }
+        ledger
+            .advance(&serial, to, detail)
+            .map_err(|e| self.ledger_err(e))
+    }
+
     fn ledger_err(&self, source: LedgerError) -> Flow {
-        Flow::Fail(SessionError::Ledger {
+        fail(SessionError::Ledger {
             port: self.port(),
             serial: self.serial(),
             source,
@@ -642,7 +655,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             Message::Nak {
                 code: code @ (ErrorCode::BadSequence | ErrorCode::NotAllowedInState),
             } => Err(Flow::Restart(format!("{name} answered {code}"))),
-            Message::Nak { code } => Err(Flow::Fail(SessionError::Refused {
+            Message::Nak { code } => Err(fail(SessionError::Refused {
                 port: self.port(),
                 serial: self.serial(),
                 request: name,
@@ -653,7 +666,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
     }
 
     fn unexpected(&self, request: &'static str, got: &Message) -> Flow {
-        Flow::Fail(SessionError::Unexpected {
+        fail(SessionError::Unexpected {
             port: self.port(),
             serial: self.serial(),
             request,
@@ -686,7 +699,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         let port = self.port();
         match &mut self.device {
             Some(d) if d.serial != device_serial => {
-                return Err(Flow::Fail(SessionError::Replaced {
+                return Err(fail(SessionError::Replaced {
                     port,
                     from: d.serial.clone(),
                     to: device_serial,
@@ -706,7 +719,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                     holds,
                 });
                 if let Err(other) = claim {
-                    return Err(Flow::Fail(SessionError::AlreadyClaimed {
+                    return Err(fail(SessionError::AlreadyClaimed {
                         port,
                         serial: device_serial,
                         other,
@@ -743,11 +756,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 KeyMode::Station => self.station_key()?,
             };
             self.key = Some(key);
-            let serial = self.serial();
-            self.station
-                .ledger
-                .advance(&serial, DeviceState::KeyReady, mode_detail(mode))
-                .map_err(|e| self.ledger_err(e))?;
+            self.advance(DeviceState::KeyReady, mode_detail(mode))?;
         }
         Ok(State::Issue)
     }
@@ -846,7 +855,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         let able = caps.contains(Capabilities::CAN_GENERATE_KEY)
             && Capabilities::for_key(wire).is_some_and(|c| caps.contains(c));
         if !able {
-            return Err(Flow::Fail(SessionError::Capability {
+            return Err(fail(SessionError::Capability {
                 port: self.port(),
                 serial: self.serial(),
                 reason: format!("device-key mode: the device cannot generate a {key_type} key"),
@@ -867,14 +876,14 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         };
         let csr = self.read_item(Item::Csr, total_len, csr_sha)?;
         let checked = crate::csr::check_der(&csr).map_err(|e| {
-            Flow::Fail(SessionError::Csr {
+            fail(SessionError::Csr {
                 port: self.port(),
                 serial: self.serial(),
                 reason: e.to_string(),
             })
         })?;
         if checked.public_key.alg() != key_type.alg() {
-            return Err(Flow::Fail(SessionError::Csr {
+            return Err(fail(SessionError::Csr {
                 port: self.port(),
                 serial: self.serial(),
                 reason: format!(
@@ -895,7 +904,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
     /// large as the station's frames allow, and checks its SHA-256.
     fn read_item(&mut self, item: Item, total_len: u32, sha: [u8; 32]) -> Result<Vec<u8>, Flow> {
         let mut asm = Reassembler::new(item, total_len, sha, CSR_LIMIT).map_err(|e| {
-            Flow::Fail(SessionError::Csr {
+            fail(SessionError::Csr {
                 port: self.port(),
                 serial: self.serial(),
                 reason: e.to_string(),
@@ -913,7 +922,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                     data,
                 } if got == item && !data.is_empty() => {
                     if let Err(e) = asm.accept(item, offset, &data) {
-                        return Err(Flow::Fail(SessionError::Csr {
+                        return Err(fail(SessionError::Csr {
                             port: self.port(),
                             serial: self.serial(),
                             reason: e.to_string(),
@@ -924,7 +933,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             }
         }
         asm.finish().map_err(|e| {
-            Flow::Fail(SessionError::Csr {
+            fail(SessionError::Csr {
                 port: self.port(),
                 serial: self.serial(),
                 reason: e.to_string(),
@@ -938,14 +947,14 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             .capabilities
             .contains(Capabilities::ACCEPTS_PRIVATE_KEY)
         {
-            return Err(Flow::Fail(SessionError::Capability {
+            return Err(fail(SessionError::Capability {
                 port: self.port(),
                 serial: self.serial(),
                 reason: "station-key mode: the device does not accept a private key".into(),
             }));
         }
         let key = keygen::generate(self.station.config.key_type, &self.rng).map_err(|e| {
-            Flow::Fail(SessionError::Key {
+            fail(SessionError::Key {
                 port: self.port(),
                 serial: self.serial(),
                 reason: e.to_string(),
@@ -960,7 +969,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 fsx::Durability::Sync,
             )
             .map_err(|source| {
-                Flow::Fail(SessionError::KeyFile {
+                fail(SessionError::KeyFile {
                     port: self.port(),
                     serial: self.serial(),
                     path: path.clone(),
@@ -985,7 +994,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             let public = key.public.clone();
             let ca = self.station.ca;
             let issue_err = |e: IssueError, s: &Self| {
-                Flow::Fail(SessionError::Issue {
+                fail(SessionError::Issue {
                     port: s.port(),
                     serial: s.serial(),
                     source: e,
@@ -1084,7 +1093,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         'begin: loop {
             attempts += 1;
             let mut chunker = Chunker::new(item, &data, peer).map_err(|e| {
-                Flow::Fail(SessionError::Capability {
+                fail(SessionError::Capability {
                     port: self.port(),
                     serial: self.serial(),
                     reason: e.to_string(),
@@ -1099,7 +1108,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             };
             let _ = chunker.resume_at(offset);
             let bound = 64;
-            while let Some(chunk) = chunker.next() {
+            for chunk in chunker.by_ref() {
                 match self.link.request(chunk, bound, None)? {
                     Message::Ack => {}
                     Message::Nak {
@@ -1109,7 +1118,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                         code: code @ (ErrorCode::BadSequence | ErrorCode::NotAllowedInState),
                     } => return Err(Flow::Restart(format!("WriteChunk answered {code}"))),
                     Message::Nak { code } => {
-                        return Err(Flow::Fail(SessionError::Refused {
+                        return Err(fail(SessionError::Refused {
                             port: self.port(),
                             serial: self.serial(),
                             request: "WriteChunk",
@@ -1145,7 +1154,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 sha256: found,
             } if got == item => {
                 if total_len != expected_len || found != expected {
-                    return Err(Flow::Fail(SessionError::DigestMismatch {
+                    return Err(fail(SessionError::DigestMismatch {
                         port: self.port(),
                         serial: self.serial(),
                         item: item_name(item),
@@ -1161,16 +1170,12 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         if i + 1 < self.items.len() {
             return Ok(State::ReadBack(i + 1));
         }
-        let serial = self.serial();
         let detail = self
             .cert
             .as_ref()
             .map(|c| c.serial_hex.clone())
             .unwrap_or_default();
-        self.station
-            .ledger
-            .advance(&serial, DeviceState::Delivered, &detail)
-            .map_err(|e| self.ledger_err(e))?;
+        self.advance(DeviceState::Delivered, &detail)?;
         Ok(State::Prove)
     }
 
@@ -1184,16 +1189,12 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         let public = self.cert.as_ref().and_then(|c| key_of_certificate(&c.der));
         let ok = public.is_some_and(|key| verify_proof(&key, &nonce, &signature));
         if !ok {
-            return Err(Flow::Fail(SessionError::BadProof {
+            return Err(fail(SessionError::BadProof {
                 port: self.port(),
                 serial: self.serial(),
             }));
         }
-        let serial = self.serial();
-        self.station
-            .ledger
-            .advance(&serial, DeviceState::Verified, "proof of possession")
-            .map_err(|e| self.ledger_err(e))?;
+        self.advance(DeviceState::Verified, "proof of possession")?;
         Ok(State::Done)
     }
 }
