@@ -16,6 +16,7 @@
 //! - [`csr`]: CSRs made by devices, verified and checked against the allowlist;
 //! - [`ca`]: the local CA, its signer, the certificate profile, issuance;
 //! - [`device`]: the line's link protocol to devices: frames, messages, chunked transfers;
+//! - [`sim`]: simulated devices on pseudo-terminals (`provline device-sim`);
 //! - [`cloud`]: what AWS IoT Core needs from the station (JITP template checks);
 //! - [`ledger`]: the durable record of every device and certificate (SQLite);
 //! - [`output`]: device bundles, the manifest and bulk-registration JSONL, written atomically;
@@ -41,6 +42,7 @@ pub mod line;
 pub mod output;
 pub mod pipeline;
 pub mod progress;
+pub mod sim;
 
 /// PEM with LF line endings and 64-column base64, as openssl writes it.
 pub fn pem_encode(tag: &str, der: &[u8]) -> String {

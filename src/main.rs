@@ -59,6 +59,8 @@ enum Command {
     Ledger(LedgerCommand),
     /// Provision devices on serial/USB ports, every port at once.
     Flash(Box<provline::line::FlashArgs>),
+    /// Simulated devices on pseudo-terminals: prints "<port> <serial>" per device, runs until Ctrl-C.
+    DeviceSim(Box<provline::sim::cli::Args>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -279,6 +281,10 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             Err(provline::line::FlashError::Usage(e)) => Err(Usage(e).into()),
             Err(e) => Err(e.into()),
         },
+        Command::DeviceSim(args) => {
+            provline::sim::cli::run(args, cli.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => {
             let config = BenchConfig {
                 count: args.count.unwrap_or(

@@ -1,0 +1,1 @@
+//! Unit tests of the device state machine against the protocol page.
