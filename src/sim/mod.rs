@@ -27,6 +27,8 @@ pub mod link;
 #[cfg(test)]
 mod tests_device;
 #[cfg(test)]
+mod tests_faults;
+#[cfg(test)]
 mod tests_pty;
 
 use std::collections::HashMap;

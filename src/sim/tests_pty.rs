@@ -27,7 +27,12 @@ pub(super) struct Station {
     pub device_max_frame: u16,
     /// Requests sent again after a timeout.
     pub retries: u32,
-    timeout: Duration,
+    /// Frames from the device that did not decode.
+    pub bad_frames: u32,
+    /// Tries per request.
+    pub tries: u32,
+    /// Wait for an answer before trying again.
+    pub timeout: Duration,
 }
 
 impl Station {
@@ -42,25 +47,36 @@ impl Station {
             seq: 0x4000,
             device_max_frame: 64,
             retries: 0,
+            bad_frames: 0,
+            tries: 10,
             timeout: Duration::from_millis(400),
         }
     }
 
-    /// Sends `message` and returns the response with its seq; panics after 10 tries.
+    /// Sends `message` and returns the response with its seq; panics after
+    /// the last try.
     pub(super) fn request(&mut self, message: Message) -> Message {
+        let shown = format!("{message:?}");
+        self.try_request(message)
+            .unwrap_or_else(|| panic!("no answer to {shown}"))
+    }
+
+    /// Sends `message`, trying again with the same seq after each timeout;
+    /// `None` when no try was answered.
+    pub(super) fn try_request(&mut self, message: Message) -> Option<Message> {
         self.seq = self.seq.wrapping_add(1);
         let mut frame = Frame::new(self.seq, message);
-        for attempt in 0..10 {
+        for attempt in 0..self.tries {
             if attempt > 0 {
                 frame.flags = Flags::RETRANSMIT;
                 self.retries += 1;
             }
             self.port.write_all(&encode(&frame).unwrap()).unwrap();
             if let Some(reply) = self.wait(self.seq) {
-                return reply;
+                return Some(reply);
             }
         }
-        panic!("no answer to {:?}", frame.message);
+        None
     }
 
     fn wait(&mut self, seq: u16) -> Option<Message> {
@@ -68,10 +84,12 @@ impl Station {
         let mut buf = [0u8; 512];
         while Instant::now() < deadline {
             while let Some(result) = self.decoder.next_frame() {
-                if let Ok(frame) = result {
-                    if frame.seq == seq && !frame.message.is_request() {
-                        return Some(frame.message);
+                match result {
+                    Ok(frame) if frame.seq == seq && !frame.message.is_request() => {
+                        return Some(frame.message)
                     }
+                    Ok(_) => {}
+                    Err(_) => self.bad_frames += 1,
                 }
             }
             match self.port.read(&mut buf) {
@@ -85,12 +103,7 @@ impl Station {
 
     /// Opens the session; returns the `HelloReply` fields.
     pub(super) fn hello(&mut self) -> (Capabilities, String, crate::device::ItemSet) {
-        self.port.write_all(&[0]).unwrap();
-        let reply = self.request(Message::Hello {
-            protocol_version: 1,
-            max_frame: 1024,
-            station_nonce: Some([7; 16]),
-        });
+        let reply = self.try_hello().expect("no answer to Hello");
         let Message::HelloReply {
             max_frame,
             capabilities,
@@ -103,6 +116,16 @@ impl Station {
         };
         self.device_max_frame = max_frame;
         (capabilities, device_serial, holds)
+    }
+
+    /// Sends a lone 0x00 and a `Hello`; the answer, if any.
+    pub(super) fn try_hello(&mut self) -> Option<Message> {
+        self.port.write_all(&[0]).unwrap();
+        self.try_request(Message::Hello {
+            protocol_version: 1,
+            max_frame: 1024,
+            station_nonce: Some([7; 16]),
+        })
     }
 
     /// Writes an item, resuming where the device says it stands.
