@@ -11,6 +11,7 @@ mod it {
     mod faults;
     mod jitp;
     mod kill;
+    mod line;
     mod profile;
     mod resume;
     mod tls;

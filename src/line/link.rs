@@ -24,6 +24,20 @@ const BUSY_MAX: Duration = Duration::from_secs(2);
 /// How long a device may stay busy on one request before it counts as stuck.
 const BUSY_LIMIT: Duration = Duration::from_secs(150);
 
+/// On a link where damaged frames arrived, a request gets this many times
+/// the tries: the device is alive and the line is noisy.
+const NOISY_TRIES: u32 = 4;
+
+/// What one wait for an answer brought.
+enum Waited {
+    /// The answer to the outstanding request.
+    Answer(Message),
+    /// Nothing that decoded, and no damaged frame either.
+    Silent,
+    /// Frames arrived but did not decode (noise): the device is there.
+    Damaged,
+}
+
 /// How patient the station is with a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkTiming {
@@ -31,7 +45,8 @@ pub struct LinkTiming {
     pub baud: u32,
     /// The fixed part of an ordinary request's timeout (250 ms serial, 500 ms USB).
     pub base: Duration,
-    /// Tries per request: the first and the retries.
+    /// Tries per request (the first and the retries); four times as many
+    /// once the link has seen damaged frames (a noisy line).
     pub tries: u32,
 }
 
@@ -116,6 +131,8 @@ pub struct LinkStats {
     pub retries: u64,
     /// Frames dropped: bad CRC, bad COBS, too long, wrong seq.
     pub dropped: u64,
+    /// Of those, frames that did not decode (noise on the line).
+    pub damaged: u64,
     /// Bytes written to the port.
     pub bytes_out: u64,
     /// Bytes read from the port.
@@ -256,6 +273,7 @@ impl<'a, T: Transport + ?Sized> Link<'a, T> {
             self.timing.base + self.timing.wire_time(first.len() + response_bound)
         });
         let mut tries = 0;
+        let limit = self.timing.tries.max(1);
         let mut busy_pause = BUSY_FIRST;
         let mut busy_since: Option<Instant> = None;
         loop {
@@ -264,7 +282,14 @@ impl<'a, T: Transport + ?Sized> Link<'a, T> {
                     port: self.port.name().to_string(),
                 });
             }
-            if tries >= self.timing.tries.max(1) {
+            // A line that has shown damaged frames is noisy, not dead: a
+            // request then gets more tries before the device counts as gone.
+            let budget = if self.stats.damaged > 0 {
+                limit.saturating_mul(NOISY_TRIES)
+            } else {
+                limit
+            };
+            if tries >= budget {
                 return Err(LinkError::NoResponse {
                     port: self.port.name().to_string(),
                     request: name,
@@ -279,7 +304,7 @@ impl<'a, T: Transport + ?Sized> Link<'a, T> {
             self.write(wire, "writing a request")?;
             self.stats.sent += 1;
             match self.await_response(timeout)? {
-                Some(Message::Nak {
+                Waited::Answer(Message::Nak {
                     code: ErrorCode::Busy,
                 }) => {
                     let since = *busy_since.get_or_insert_with(Instant::now);
@@ -293,32 +318,46 @@ impl<'a, T: Transport + ?Sized> Link<'a, T> {
                     std::thread::sleep(busy_pause);
                     busy_pause = (busy_pause * 2).min(BUSY_MAX);
                 }
-                Some(answer) => return Ok(answer),
-                None => {
+                Waited::Answer(answer) => return Ok(answer),
+                Waited::Silent => {
+                    tracing::debug!(port = %self.port.name(), request = name, seq = self.seq, tries, "no answer");
                     tries += 1;
-                    if tries < self.timing.tries.max(1) {
-                        self.stats.retries += 1;
-                    }
+                    self.stats.retries += 1;
+                }
+                Waited::Damaged => {
+                    tracing::debug!(port = %self.port.name(), request = name, seq = self.seq, tries, "damaged answer");
+                    tries += 1;
+                    self.stats.retries += 1;
                 }
             }
         }
     }
 
     /// Reads until the answer to the outstanding seq arrives or `timeout` passes.
-    fn await_response(&mut self, timeout: Duration) -> Result<Option<Message>, LinkError> {
+    fn await_response(&mut self, timeout: Duration) -> Result<Waited, LinkError> {
         let deadline = Instant::now() + timeout;
+        let mut damaged = false;
         loop {
             while let Some(next) = self.decoder.next_frame() {
                 match next {
                     Ok(frame) if frame.seq == self.seq && !frame.message.is_request() => {
-                        return Ok(Some(frame.message));
+                        return Ok(Waited::Answer(frame.message));
                     }
-                    Ok(_) | Err(_) => self.stats.dropped += 1,
+                    Ok(_) => self.stats.dropped += 1,
+                    Err(_) => {
+                        self.stats.dropped += 1;
+                        self.stats.damaged += 1;
+                        damaged = true;
+                    }
                 }
             }
             let now = Instant::now();
             if now >= deadline {
-                return Ok(None);
+                return Ok(if damaged {
+                    Waited::Damaged
+                } else {
+                    Waited::Silent
+                });
             }
             let wait = (deadline - now).min(Duration::from_millis(100));
             let n = self

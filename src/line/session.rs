@@ -474,6 +474,11 @@ struct Session<'s, 'l, T: Transport + ?Sized> {
     items: Vec<(Item, Vec<u8>)>,
     step: Step,
     restarts: u32,
+    /// Frame size for writes now (wire bytes): the device's limit on a
+    /// clean line, smaller while requests need retries.
+    write_limit: u16,
+    /// Frame size asked of the device's reads now.
+    read_limit: u16,
 }
 
 impl Station<'_> {
@@ -500,6 +505,8 @@ impl Station<'_> {
             items: Vec::new(),
             step: Step::Hello,
             restarts: 0,
+            write_limit: u16::MAX,
+            read_limit: super::link::STATION_MAX_FRAME,
         };
         let result = session.run();
         let seconds = started.elapsed().as_secs_f64();
@@ -910,12 +917,19 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 reason: e.to_string(),
             })
         })?;
-        let max_len = chunk_capacity(super::link::STATION_MAX_FRAME)
-            .and_then(|n| u16::try_from(n).ok())
-            .unwrap_or(u16::MAX);
-        while let Some(read) = asm.next_read(max_len) {
-            let bound = usize::from(super::link::STATION_MAX_FRAME);
-            match self.ask(read, bound, None)? {
+        let ceiling = super::link::STATION_MAX_FRAME;
+        loop {
+            let limit = self.read_limit;
+            let max_len = chunk_capacity(limit)
+                .and_then(|n| u16::try_from(n).ok())
+                .unwrap_or(u16::MAX);
+            let Some(read) = asm.next_read(max_len) else {
+                break;
+            };
+            let retries = self.link.stats().retries;
+            let answer = self.ask(read, usize::from(limit), None)?;
+            self.read_limit = adapt(limit, ceiling, self.link.stats().retries > retries);
+            match answer {
                 Message::ReadData {
                     item: got,
                     offset,
@@ -1092,7 +1106,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         let mut attempts = 0;
         'begin: loop {
             attempts += 1;
-            let mut chunker = Chunker::new(item, &data, peer).map_err(|e| {
+            let chunker = Chunker::new(item, &data, peer).map_err(|e| {
                 fail(SessionError::Capability {
                     port: self.port(),
                     serial: self.serial(),
@@ -1106,11 +1120,25 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 }
                 other => return Err(self.unexpected("WriteBegin", &other)),
             };
-            let _ = chunker.resume_at(offset);
-            let bound = 64;
-            for chunk in chunker.by_ref() {
-                match self.link.request(chunk, bound, None)? {
-                    Message::Ack => {}
+            let mut offset = offset;
+            while offset < total_len {
+                // A chunker per chunk: its size follows the line's noise.
+                let limit = self.write_limit.min(peer);
+                let mut chunker = Chunker::new(item, &data, limit).map_err(|e| {
+                    fail(SessionError::Capability {
+                        port: self.port(),
+                        serial: self.serial(),
+                        reason: e.to_string(),
+                    })
+                })?;
+                let _ = chunker.resume_at(offset);
+                let Some(chunk) = chunker.next() else { break };
+                let sent = chunk_len(&chunk);
+                let retries = self.link.stats().retries;
+                let answer = self.link.request(chunk, 64, None)?;
+                self.write_limit = adapt(limit, peer, self.link.stats().retries > retries);
+                match answer {
+                    Message::Ack => offset += sent,
                     Message::Nak {
                         code: ErrorCode::BadOffset,
                     } if attempts <= WRITE_RESTARTS => continue 'begin,
@@ -1196,6 +1224,29 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         }
         self.advance(DeviceState::Verified, "proof of possession")?;
         Ok(State::Done)
+    }
+}
+
+/// Smallest frame the station falls back to on a noisy line (wire bytes).
+const MIN_FRAME: u16 = 32;
+
+/// The next frame size: halved after a request that needed a retry (long
+/// frames are the ones noise destroys), grown by an eighth after one that
+/// did not, never above `ceiling`.
+fn adapt(limit: u16, ceiling: u16, retried: bool) -> u16 {
+    let next = if retried {
+        (limit / 2).max(MIN_FRAME)
+    } else {
+        limit.saturating_add(limit / 8 + 1)
+    };
+    next.min(ceiling)
+}
+
+/// Data bytes of a `WriteChunk`.
+fn chunk_len(m: &Message) -> u32 {
+    match m {
+        Message::WriteChunk { data, .. } => u32::try_from(data.len()).unwrap_or(u32::MAX),
+        _ => 0,
     }
 }
 
