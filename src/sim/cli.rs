@@ -161,3 +161,103 @@ fn wait_for_ctrl_c() -> std::io::Result<()> {
         .build()?
         .block_on(tokio::signal::ctrl_c())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        Command::try_parse_from(std::iter::once("device-sim").chain(argv.iter().copied()))
+            .map(|c| c.args)
+    }
+
+    #[test]
+    fn flags_become_one_config_per_device() {
+        let args = parse(&[
+            "--count",
+            "3",
+            "--serial-prefix",
+            "LINE-",
+            "--key-mode",
+            "station",
+            "--baud",
+            "0",
+            "--max-frame",
+            "64",
+            "--resumable",
+            "--corrupt-rate",
+            "0.01",
+            "--drop-rate",
+            "0.02",
+            "--reset-after",
+            "500",
+            "--reset-during",
+            "private-key",
+            "--stall-after",
+            "900",
+            "--garbage",
+            "--lie-digest",
+            "--seed",
+            "9",
+            "--store",
+            "/tmp/store",
+        ])
+        .unwrap();
+        assert_eq!(args.count, 3);
+        let third = args.config(2);
+        assert_eq!(third.serial, "LINE-0003");
+        assert_eq!(third.key_mode, SimKeyMode::Station);
+        assert_eq!(
+            (third.baud, third.max_frame, third.resumable),
+            (0, 64, true)
+        );
+        assert_eq!(third.store_dir, Some(PathBuf::from("/tmp/store")));
+        assert_eq!(
+            third.faults,
+            Faults {
+                corrupt_rate: 0.01,
+                drop_rate: 0.02,
+                reset_after_bytes: Some(500),
+                reset_during: Some(Item::PrivateKey),
+                stall_after_bytes: Some(900),
+                silent: false,
+                garbage: true,
+                lie_digest: true,
+                seed: 11,
+            }
+        );
+        assert!(third.check().is_ok());
+    }
+
+    #[test]
+    fn defaults_and_refusals() {
+        let args = parse(&[]).unwrap();
+        let first = args.config(0);
+        assert_eq!(first.serial, "SN-0001");
+        assert_eq!(first.key_mode, SimKeyMode::Device);
+        assert_eq!((first.baud, first.max_frame), (115_200, 256));
+        assert!(!first.faults.any());
+        assert!(parse(&["--reset-during", "csr"]).is_err());
+        assert!(parse(&["--key-mode", "both"]).is_err());
+        let tiny = parse(&["--max-frame", "32"]).unwrap().config(0);
+        assert!(tiny
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("max_frame 32"));
+        let noisy = parse(&["--corrupt-rate", "2"]).unwrap().config(0);
+        assert!(noisy
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("corrupt_rate"));
+    }
+}
