@@ -31,6 +31,8 @@ use super::{item_file_name, SimError, Stored};
 
 /// How long a read waits before the loop looks at the stop flag again.
 pub const POLL: Duration = Duration::from_millis(50);
+/// A partial frame is dropped after this long without a byte (section 6).
+pub const PARTIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Wire time of one byte at `baud` (10 bits: start, 8 data, stop); zero when unpaced.
 pub fn byte_time(baud: u32) -> Duration {
@@ -123,6 +125,7 @@ pub struct Link {
     rng: Rng,
     counts: FaultCounts,
     bytes_in: u64,
+    last_byte: Instant,
     bytes_out: u64,
     frames_in: u64,
     frames_out: u64,
@@ -157,6 +160,7 @@ impl Link {
             faults,
             counts: FaultCounts::default(),
             bytes_in: 0,
+            last_byte: Instant::now(),
             bytes_out: 0,
             frames_in: 0,
             frames_out: 0,
@@ -190,20 +194,26 @@ impl Link {
             match self.master.read(&mut buf) {
                 Ok(0) => std::thread::sleep(POLL),
                 Ok(n) => self.receive(&buf[..n])?,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => self.idle(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(self.io_error("reading the pseudo-terminal", e)),
             }
         }
         Ok(())
     }
 
+    /// Nothing arrived for a while: a partial frame older than a second is
+    /// dropped, so that the next frame is not glued to a stale start.
+    fn idle(&mut self) {
+        if self.decoder.buffered() > 0 && self.last_byte.elapsed() >= PARTIAL_FRAME_TIMEOUT {
+            self.decoder.clear();
+        }
+    }
+
     /// Bytes from the station: faults that count bytes first, then noise,
     /// then the decoder.
     fn receive(&mut self, bytes: &[u8]) -> Result<(), SimError> {
+        self.last_byte = Instant::now();
         let before = self.bytes_in;
         self.bytes_in += u64::try_from(bytes.len()).unwrap_or(u64::MAX);
         let mut bytes = bytes.to_vec();

@@ -118,6 +118,11 @@ impl Station {
         (capabilities, device_serial, holds)
     }
 
+    /// Writes bytes as they are.
+    pub(super) fn write_raw(&mut self, bytes: &[u8]) {
+        self.port.write_all(bytes).unwrap();
+    }
+
     /// Sends a lone 0x00 and a `Hello`; the answer, if any.
     pub(super) fn try_hello(&mut self) -> Option<Message> {
         self.port.write_all(&[0]).unwrap();
@@ -348,4 +353,28 @@ fn device_key_provisioning_over_a_pty_with_small_frames() {
         "the certificate certifies the key the device made"
     );
     assert!(stored.frames_in > 40, "64-byte frames: many chunks");
+}
+
+#[test]
+fn a_partial_frame_is_dropped_after_a_second_of_silence() {
+    let sim = SimDevice::spawn(SimConfig::new("SN-PARTIAL", SimKeyMode::Station)).unwrap();
+    let mut station = Station::open(sim.port_path());
+    station.timeout = Duration::from_millis(200);
+    station.tries = 1;
+    let hello = Message::Hello {
+        protocol_version: 1,
+        max_frame: 1024,
+        station_nonce: None,
+    };
+    // Without a pause, the start of a frame glues to the next one: no answer.
+    station.write_raw(&[0, 0x11, 0x22, 0x33]);
+    assert_eq!(station.try_request(hello.clone()), None);
+    // After more than a second of silence the device has dropped it.
+    station.write_raw(&[0x11, 0x22, 0x33]);
+    std::thread::sleep(super::link::PARTIAL_FRAME_TIMEOUT + Duration::from_millis(500));
+    assert!(matches!(
+        station.try_request(hello),
+        Some(Message::HelloReply { .. })
+    ));
+    assert_eq!(sim.stored().bad_frames, 1);
 }
