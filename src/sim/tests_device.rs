@@ -670,3 +670,33 @@ fn device_key_commit_checks_the_certificate() {
         "the uncommitted key is gone"
     );
 }
+
+#[test]
+fn a_replaced_transfer_keeps_its_data_only_on_a_resumable_device() {
+    let data = vec![7u8; 120];
+    for resumable in [false, true] {
+        let mut b = Bench::new(Profile {
+            resumable,
+            ..profile(SimKeyMode::Device)
+        });
+        b.hello();
+        let mut chain = Chunker::new(Item::Chain, &data, 64).unwrap();
+        b.send(chain.begin());
+        assert_eq!(b.send(chain.next().unwrap()), Message::Ack);
+        // Another item's WriteBegin replaces the open transfer.
+        assert_eq!(b.write(Item::ThingName, b"t"), Message::Ack);
+        assert_eq!(
+            b.send(Message::WriteChunk {
+                item: Item::Chain,
+                offset: 46,
+                data: vec![7]
+            }),
+            nak(ErrorCode::NoTransfer),
+            "the chain's transfer is no longer open"
+        );
+        let Message::WriteReady { offset, .. } = b.send(chain.begin()) else {
+            panic!("no WriteReady")
+        };
+        assert_eq!(offset, if resumable { 46 } else { 0 });
+    }
+}
