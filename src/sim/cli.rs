@@ -56,7 +56,7 @@ pub struct Args {
     /// Seed of the fault generator (device n uses seed + n).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Keep committed items as files in DIR/<serial>/<item>.
+    /// Keep committed items as files in `DIR/<serial>/<item>`.
     #[arg(long, value_name = "DIR")]
     pub store: Option<PathBuf>,
 }
