@@ -252,7 +252,8 @@ impl Link {
         if then_stall {
             self.counts.stalled = true;
         }
-        self.publish()
+        self.publish();
+        Ok(())
     }
 
     fn on_decoded(&mut self, result: Result<Frame, DecodeError>) -> Result<(), SimError> {
@@ -384,7 +385,7 @@ impl Link {
     }
 
     /// Updates the snapshot [`super::SimDevice::stored`] returns.
-    fn publish(&mut self) -> Result<(), SimError> {
+    fn publish(&mut self) {
         let mut stored = self
             .shared
             .stored
@@ -402,6 +403,5 @@ impl Link {
         stored.frames_out = self.frames_out;
         stored.bad_frames = self.bad_frames;
         stored.faults = self.counts;
-        Ok(())
     }
 }
