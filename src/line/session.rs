@@ -704,14 +704,28 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             ));
         }
         let port = self.port();
-        match &mut self.device {
-            Some(d) if d.serial != device_serial => {
-                return Err(fail(SessionError::Replaced {
-                    port,
-                    from: d.serial.clone(),
-                    to: device_serial,
-                }))
+        if let Some(d) = self.device.take_if(|d| d.serial != device_serial) {
+            // Another device on the port: the old one's session ends here,
+            // and the new one is provisioned from the start.
+            let why = SessionError::Replaced {
+                port: port.clone(),
+                from: d.serial.clone(),
+                to: device_serial.clone(),
+            };
+            if self.planned {
+                self.station
+                    .ledger
+                    .fail(&d.serial, &why.to_string())
+                    .map_err(|e| self.ledger_err(e))?;
             }
+            self.station.claims.release(&d.serial, &port);
+            self.planned = false;
+            self.key = None;
+            self.cert = None;
+            self.items.clear();
+            self.restarts = 0;
+        }
+        match &mut self.device {
             Some(d) => {
                 d.capabilities = capabilities;
                 d.holds = holds;

@@ -31,10 +31,14 @@ struct Faults {
     drop_every: Option<u32>,
     /// Answer ReadDigest with a wrong SHA-256.
     lie: bool,
-    /// Reset (once) on this WriteChunk of the private key.
-    reset_at_key_chunk: Option<u32>,
+    /// Reset (once) on this WriteChunk (1 = the first) of this item.
+    reset_at: Option<(Item, u32)>,
+    /// A reset also loses the key generated and not committed.
+    lose_key: bool,
     /// Never answer.
     silent: bool,
+    /// At the reset, another device takes the port: this serial, empty storage.
+    replace_with: Option<String>,
 }
 
 struct Double {
@@ -51,7 +55,7 @@ struct Double {
     staged: HashMap<Item, Vec<u8>>,
     committed: HashMap<Item, Vec<u8>>,
     answers: u32,
-    key_chunks: u32,
+    chunks: u32,
     resets: u32,
 }
 
@@ -71,7 +75,7 @@ impl Double {
             staged: HashMap::new(),
             committed: HashMap::new(),
             answers: 0,
-            key_chunks: 0,
+            chunks: 0,
             resets: 0,
         }
     }
@@ -102,6 +106,16 @@ impl Double {
     }
 
     fn reset(&mut self) {
+        if let Some(serial) = self.faults.replace_with.take() {
+            self.serial = serial;
+            self.committed.clear();
+            self.key = None;
+            self.csr = None;
+        }
+        if self.faults.lose_key && !self.committed.contains_key(&Item::Certificate) {
+            self.key = None;
+            self.csr = None;
+        }
         self.filter.clear();
         self.writing = None;
         self.staged.clear();
@@ -194,12 +208,14 @@ impl Double {
                 }
             }
             Message::WriteChunk { item, offset, data } => {
-                if *item == Item::PrivateKey {
-                    self.key_chunks += 1;
-                    if self.faults.reset_at_key_chunk == Some(self.key_chunks) {
-                        self.faults.reset_at_key_chunk = None;
-                        self.reset();
-                        return None;
+                if let Some((target, n)) = self.faults.reset_at {
+                    if *item == target {
+                        self.chunks += 1;
+                        if self.chunks == n {
+                            self.faults.reset_at = None;
+                            self.reset();
+                            return None;
+                        }
                     }
                 }
                 match self
@@ -486,7 +502,7 @@ fn a_reset_in_the_key_write_resumes_with_one_certificate() {
     let rig = Rig::new();
     let config = Rig::config(KeyMode::Station);
     let faults = Faults {
-        reset_at_key_chunk: Some(2),
+        reset_at: Some((Item::PrivateKey, 2)),
         ..Faults::default()
     };
     let mut dev = Double::new("SN-5", false, faults);
@@ -534,4 +550,69 @@ fn a_serial_on_another_port_is_refused() {
         failure.error
     );
     assert!(dev.committed.is_empty());
+}
+
+#[test]
+fn another_device_on_the_port_is_provisioned_as_new() {
+    let rig = Rig::new();
+    let config = Rig::config(KeyMode::Station);
+    let faults = Faults {
+        reset_at: Some((Item::PrivateKey, 2)),
+        replace_with: Some("SN-9".into()),
+        ..Faults::default()
+    };
+    let mut dev = Double::new("SN-8", false, faults);
+    let passed = rig.run(&config, &mut dev).expect("the new device passes");
+    assert_eq!(passed.serial, "SN-9");
+    let old = rig.ledger.device("SN-8").unwrap().expect("old device");
+    assert_eq!(old.state, DeviceState::Failed);
+    assert!(old
+        .error
+        .unwrap_or_default()
+        .contains("replaced by device SN-9"));
+    assert_eq!(rig.live_certs("SN-9"), 1);
+    let cert = dev.committed.get(&Item::Certificate).expect("certificate");
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).expect("DER");
+    assert!(parsed.subject().to_string().contains("SN-9"));
+}
+
+#[test]
+fn a_device_key_lost_in_a_reset_supersedes_its_certificate() {
+    let rig = Rig::new();
+    let config = Rig::config(KeyMode::Device);
+    let faults = Faults {
+        reset_at: Some((Item::Chain, 2)),
+        lose_key: true,
+        ..Faults::default()
+    };
+    let mut dev = Double::new("SN-10", true, faults);
+    let passed = rig.run(&config, &mut dev).expect("passes with a new key");
+    assert_eq!(passed.restarts, 1);
+    assert_eq!(rig.live_certs("SN-10"), 1);
+    let mut superseded = Vec::new();
+    rig.ledger
+        .for_each_certificate(|row| -> Result<(), crate::ledger::LedgerError> {
+            if row.device_serial == "SN-10" && row.state == CertState::Superseded {
+                superseded.push(row.reason.unwrap_or_default());
+            }
+            Ok(())
+        })
+        .expect("export");
+    assert_eq!(
+        superseded,
+        vec!["the device lost its key in a reset".to_string()]
+    );
+    let pkcs8 = dev.key.clone().expect("device key");
+    let own = EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P256_SHA256_ASN1_SIGNING,
+        &pkcs8,
+        &SystemRandom::new(),
+    )
+    .expect("PKCS#8");
+    use ring::signature::KeyPair;
+    let cert = dev.committed.get(&Item::Certificate).expect("certificate");
+    assert_eq!(
+        key_of_certificate(cert).expect("cert key").raw(),
+        own.public_key().as_ref()
+    );
 }
