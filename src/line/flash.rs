@@ -147,7 +147,8 @@ pub struct FlashReport {
 }
 
 /// Runs `provline flash` and prints its report; returns the exit code
-/// (0 every device passed, 1 some failed).
+/// (0 every device passed, 1 some failed or, without `--watch`, Ctrl-C
+/// stopped the run).
 pub fn command(args: &FlashArgs, json: bool, quiet: bool) -> Result<u8, FlashError> {
     let stop = Arc::new(AtomicBool::new(false));
     watch_ctrl_c(Arc::clone(&stop));
@@ -165,11 +166,14 @@ pub fn command(args: &FlashArgs, json: bool, quiet: bool) -> Result<u8, FlashErr
     } else if !quiet {
         print!("{}", summary_text(&report));
     }
-    Ok(if report.failed.is_empty() && !report.interrupted {
-        0
-    } else {
-        1
-    })
+    // Ctrl-C is how a watching line ends; without --watch it cut the run short.
+    Ok(
+        if report.failed.is_empty() && (args.watch || !report.interrupted) {
+            0
+        } else {
+            1
+        },
+    )
 }
 
 /// An observer that is also told how each session ended.

@@ -404,3 +404,68 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn watch_serves_the_ports_until_ctrl_c() {
+    use std::process::{Command, Stdio};
+    let tmp = tempdir();
+    let ca = make_ca(tmp.path());
+    let dev = sim("SN-WATCH-1", SimKeyMode::Device, Faults::default());
+    let child = Command::new(env!("CARGO_BIN_EXE_provline"))
+        .current_dir(tmp.path())
+        .args([
+            "--json",
+            "flash",
+            "--watch",
+            "--ca",
+            "ca",
+            "--ledger",
+            "line.sqlite",
+        ])
+        .arg("--port")
+        .arg(dev.port_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start provline flash --watch");
+    // Wait for the device to be verified in the ledger, as another reader would.
+    let ca_der = pem::parse(std::fs::read(ca.join("ca.pem")).expect("ca.pem"))
+        .expect("PEM")
+        .into_contents();
+    let ca_id = provline::ledger::CaId::of_certificate(&ca_der);
+    let ledger = tmp.path().join("line.sqlite");
+    let mut verified = false;
+    for _ in 0..600 {
+        if let Ok(reader) = provline::ledger::LedgerReader::open(&ledger) {
+            if let Ok(Some(d)) = reader.device(&ca_id, "SN-WATCH-1") {
+                if d.state == provline::ledger::DeviceState::Verified {
+                    verified = true;
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let interrupted = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(interrupted.success());
+    let out = child.wait_with_output().expect("wait for provline");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        verified,
+        "the device never reached verified\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let report: Value = serde_json::from_str(&stdout).expect("JSON report");
+    assert_eq!(
+        report["passed"].as_array().map(Vec::len),
+        Some(1),
+        "{stdout}"
+    );
+    assert_eq!(report["interrupted"], true);
+    assert_cert_verifies(tmp.path(), &ca, &dev);
+}
