@@ -28,6 +28,9 @@ pub struct Args {
     /// Staged items and partial writes survive a device reset.
     #[arg(long)]
     pub resumable: bool,
+    /// Milliseconds a device takes to generate its key (it answers Busy meanwhile).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub keygen_ms: u64,
     /// Share of bytes corrupted, both directions (0.01 = 1%).
     #[arg(long, default_value_t = 0.0)]
     pub corrupt_rate: f64,
@@ -84,6 +87,7 @@ impl Args {
             baud: self.baud,
             max_frame: self.max_frame,
             resumable: self.resumable,
+            keygen_time: std::time::Duration::from_millis(self.keygen_ms),
             faults: Faults {
                 corrupt_rate: self.corrupt_rate,
                 drop_rate: self.drop_rate,
@@ -193,6 +197,8 @@ mod tests {
             "--max-frame",
             "64",
             "--resumable",
+            "--keygen-ms",
+            "250",
             "--corrupt-rate",
             "0.01",
             "--drop-rate",
@@ -219,6 +225,7 @@ mod tests {
             (third.baud, third.max_frame, third.resumable),
             (0, 64, true)
         );
+        assert_eq!(third.keygen_time, std::time::Duration::from_millis(250));
         assert_eq!(third.store_dir, Some(PathBuf::from("/tmp/store")));
         assert_eq!(
             third.faults,

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  IDLE ──Hello──> READY ──WriteBegin──> WRITING(item) ──WriteEnd──> READY
-//!                    │  ──ReadBegin / GenerateKey──> READING(item) ──any other──> READY
+//!                    │  ──ReadBegin──> READING(item) ──any other──> READY
+//!                    │  ──GenerateKey──> GENERATING (all: Busy) ──finish_generation──> READING(Csr)
 //!  Reset (message): everything erased, back to IDLE.   reset() (power cycle): IDLE,
 //!  staged items, partial writes and an uncommitted key kept only on a RESUMABLE device.
 //! ```
@@ -18,7 +19,7 @@ use std::collections::HashMap;
 
 use crate::device::{
     chunk_capacity, read_slice, sha256, Capabilities, DecodeError, DuplicateFilter, ErrorCode,
-    Frame, Item, ItemSet, Message, Reassembler, Verdict, MIN_MAX_FRAME, PROTOCOL_VERSION,
+    Frame, Item, ItemSet, KeyType, Message, Reassembler, Verdict, MIN_MAX_FRAME, PROTOCOL_VERSION,
 };
 
 use super::key::SimKey;
@@ -71,6 +72,14 @@ pub enum State {
     Ready,
     /// A write transfer of this item is open.
     Writing(Item),
+    /// A key is being generated for the `GenerateKey` with this seq; every
+    /// request is answered `Nak{Busy}` until [`Device::finish_generation`].
+    Generating {
+        /// The seq of the `GenerateKey` being carried out.
+        seq: u16,
+        /// The key type asked for.
+        key_type: KeyType,
+    },
     /// A read of this item is open; `data` is the item as it was at `ReadBegin`.
     Reading {
         /// The item.
@@ -199,9 +208,17 @@ impl Device {
     }
 
     /// Answers a request frame; response frames are ignored (`None`).
+    ///
+    /// A `GenerateKey` that starts a key generation is not answered here:
+    /// the device is then GENERATING (every request, duplicates included,
+    /// gets `Nak{Busy}`, not remembered) until [`Device::finish_generation`]
+    /// makes the key and gives the answer.
     pub fn on_frame(&mut self, frame: &Frame) -> Option<Frame> {
         if !frame.message.is_request() {
             return None;
+        }
+        if let State::Generating { .. } = self.state {
+            return Some(Frame::new(frame.seq, nak(ErrorCode::Busy)));
         }
         match self.dup.check(frame) {
             Verdict::Fresh => {}
@@ -211,7 +228,7 @@ impl Device {
             }
             Verdict::OutOfSequence { .. } => return Some(DuplicateFilter::bad_sequence(frame.seq)),
         }
-        let response = self.carry_out(&frame.message);
+        let response = self.carry_out(frame.seq, &frame.message)?;
         if response == nak(ErrorCode::Busy) {
             return Some(Frame::new(frame.seq, response));
         }
@@ -224,7 +241,52 @@ impl Device {
         Some(reply)
     }
 
-    fn carry_out(&mut self, request: &Message) -> Message {
+    /// Whether a key is being generated (state GENERATING).
+    pub fn generating(&self) -> bool {
+        matches!(self.state, State::Generating { .. })
+    }
+
+    /// Ends a key generation: makes the key and its CSR and returns the
+    /// answer to the `GenerateKey` (`ReadInfo{Csr}`, then state READING(Csr),
+    /// or `Nak{KeyGenerationFailed}`), remembered for its duplicates.
+    /// `None` when no key is being generated.
+    pub fn finish_generation(&mut self) -> Option<Frame> {
+        let State::Generating { seq, key_type } = self.state else {
+            return None;
+        };
+        let response = match SimKey::generate(key_type, &self.profile.serial) {
+            Some(key) => {
+                let csr = key.csr().unwrap_or_default().to_vec();
+                self.new_key = Some(key);
+                let info = read_info(Item::Csr, &csr);
+                self.state = State::Reading {
+                    item: Item::Csr,
+                    data: csr,
+                };
+                info
+            }
+            None => {
+                self.state = State::Ready;
+                nak(ErrorCode::KeyGenerationFailed)
+            }
+        };
+        Some(self.dup.record(seq, response).clone())
+    }
+
+    /// Carries out a fresh request; `None` when the answer comes later
+    /// (a key generation started).
+    fn carry_out(&mut self, seq: u16, request: &Message) -> Option<Message> {
+        match *request {
+            Message::GenerateKey { key_type }
+                if matches!(self.state, State::Ready | State::Reading { .. }) =>
+            {
+                self.start_generation(seq, key_type)
+            }
+            _ => Some(self.answer(request)),
+        }
+    }
+
+    fn answer(&mut self, request: &Message) -> Message {
         if let Message::Hello {
             protocol_version,
             max_frame,
@@ -238,7 +300,6 @@ impl Device {
         }
         let writing = matches!(self.state, State::Writing(_));
         match request {
-            Message::GenerateKey { key_type } if !writing => self.generate_key(*key_type),
             Message::WriteBegin {
                 item,
                 total_len,
@@ -294,24 +355,15 @@ impl Device {
         }
     }
 
-    fn generate_key(&mut self, key_type: crate::device::KeyType) -> Message {
+    fn start_generation(&mut self, seq: u16, key_type: KeyType) -> Option<Message> {
         let caps = self.profile.capabilities();
         let supported = caps.contains(Capabilities::CAN_GENERATE_KEY)
             && Capabilities::for_key(key_type).is_some_and(|bit| caps.contains(bit));
         if !supported {
-            return nak(ErrorCode::UnsupportedKeyType);
+            return Some(nak(ErrorCode::UnsupportedKeyType));
         }
-        let Some(key) = SimKey::generate(key_type, &self.profile.serial) else {
-            return nak(ErrorCode::KeyGenerationFailed);
-        };
-        let csr = key.csr().unwrap_or_default().to_vec();
-        self.new_key = Some(key);
-        let info = read_info(Item::Csr, &csr);
-        self.state = State::Reading {
-            item: Item::Csr,
-            data: csr,
-        };
-        info
+        self.state = State::Generating { seq, key_type };
+        None
     }
 
     fn write_begin(&mut self, item: Item, total_len: u32, digest: &[u8; 32]) -> Message {

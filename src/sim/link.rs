@@ -20,14 +20,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use serialport::TTYPort;
+use serialport::{SerialPort, TTYPort};
 
 use crate::device::{encode, DecodeError, Frame, FrameDecoder, Item, Message};
 use crate::fsx;
 
 use super::device::Device;
 use super::faults::{FaultCounts, Faults, Rng};
-use super::{item_file_name, SimError, Stored};
+use super::{item_file_name, SimConfig, SimError, Stored};
 
 /// How long a read waits before the loop looks at the stop flag again.
 pub const POLL: Duration = Duration::from_millis(50);
@@ -122,6 +122,8 @@ pub struct Link {
     decoder: FrameDecoder,
     pacer: Pacer,
     faults: Faults,
+    keygen_time: Duration,
+    keygen_due: Option<Instant>,
     rng: Rng,
     counts: FaultCounts,
     bytes_in: u64,
@@ -139,25 +141,19 @@ pub struct Link {
 }
 
 impl Link {
-    /// A link over `master` (the pty side the device holds) for `device`.
-    pub fn new(
-        master: TTYPort,
-        port: PathBuf,
-        device: Device,
-        baud: u32,
-        faults: Faults,
-        store_dir: Option<PathBuf>,
-        shared: Arc<Shared>,
-    ) -> Link {
-        let max_frame = usize::from(device.profile().max_frame);
+    /// A link over `master` (the pty side the device holds, `port` the side
+    /// the station opens) for the device `config` describes.
+    pub fn new(master: TTYPort, port: PathBuf, config: &SimConfig, shared: Arc<Shared>) -> Link {
         Link {
             master,
             port,
-            device,
-            decoder: FrameDecoder::new(max_frame),
-            pacer: Pacer::new(baud),
-            rng: Rng::new(faults.seed),
-            faults,
+            device: Device::new(config.profile()),
+            decoder: FrameDecoder::new(usize::from(config.max_frame)),
+            pacer: Pacer::new(config.baud),
+            rng: Rng::new(config.faults.seed),
+            faults: config.faults.clone(),
+            keygen_time: config.keygen_time,
+            keygen_due: None,
             counts: FaultCounts::default(),
             bytes_in: 0,
             last_byte: Instant::now(),
@@ -169,7 +165,7 @@ impl Link {
             reset_fired: false,
             stored_generation: 0,
             published_generation: 0,
-            store_dir,
+            store_dir: config.store_dir.clone(),
             shared,
         }
     }
@@ -191,6 +187,18 @@ impl Link {
     pub fn run(mut self) -> Result<(), SimError> {
         let mut buf = [0u8; 1024];
         while !self.shared.stop.load(Ordering::Relaxed) {
+            let mut wait = POLL;
+            if let Some(due) = self.keygen_due {
+                let now = Instant::now();
+                if now >= due {
+                    self.finish_generation()?;
+                    continue;
+                }
+                wait = wait.min(due - now);
+            }
+            self.master
+                .set_timeout(wait)
+                .map_err(|e| self.io_error("setting the read timeout", e.into()))?;
             match self.master.read(&mut buf) {
                 Ok(0) => std::thread::sleep(POLL),
                 Ok(n) => self.receive(&buf[..n])?,
@@ -283,6 +291,25 @@ impl Link {
             return Ok(());
         }
         self.store_if_changed()?;
+        if self.device.generating() {
+            self.keygen_due = Some(Instant::now() + self.keygen_time);
+            if self.keygen_time.is_zero() {
+                return self.finish_generation();
+            }
+        }
+        self.answer(reply)
+    }
+
+    /// The key generation is done: the deferred answer to `GenerateKey`.
+    fn finish_generation(&mut self) -> Result<(), SimError> {
+        self.keygen_due = None;
+        let reply = self.device.finish_generation();
+        self.publish();
+        self.answer(reply)
+    }
+
+    /// Sends a response unless the faults drop it.
+    fn answer(&mut self, reply: Option<Frame>) -> Result<(), SimError> {
         match reply {
             Some(_) if self.rng.chance(self.faults.drop_rate) => {
                 self.counts.dropped_out += 1;
@@ -309,6 +336,7 @@ impl Link {
 
     fn power_cycle(&mut self) {
         self.device.reset();
+        self.keygen_due = None;
         self.decoder.clear();
         self.resets += 1;
         self.counts.resets += 1;

@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use serde::Serialize;
 use serialport::{SerialPort, TTYPort};
@@ -76,6 +77,9 @@ pub struct SimConfig {
     pub max_frame: u16,
     /// Staged items and partial transfers survive a reset.
     pub resumable: bool,
+    /// How long generating a key takes (state GENERATING: every request
+    /// meanwhile is answered `Nak{Busy}`); zero by default.
+    pub keygen_time: Duration,
     /// Faults to inject.
     pub faults: Faults,
     /// Also keep committed items as files in `DIR/<serial>/<item>`.
@@ -93,6 +97,7 @@ impl SimConfig {
             baud: DEFAULT_BAUD,
             max_frame: DEFAULT_MAX_FRAME,
             resumable: false,
+            keygen_time: Duration::ZERO,
             faults: Faults::default(),
             store_dir: None,
         }
@@ -296,15 +301,7 @@ impl SimDevice {
             stored: Mutex::new(Stored::default()),
             stop: AtomicBool::new(false),
         });
-        let link = link::Link::new(
-            master,
-            port.clone(),
-            device::Device::new(config.profile()),
-            config.baud,
-            config.faults.clone(),
-            config.store_dir.clone(),
-            Arc::clone(&shared),
-        );
+        let link = link::Link::new(master, port.clone(), &config, Arc::clone(&shared));
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name(format!("sim-{serial}"))

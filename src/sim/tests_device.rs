@@ -46,10 +46,12 @@ impl Bench {
     }
 
     /// Sends a request with the current seq (a retry).
+    /// A key generation ends at once here (the link times it).
     fn again(&mut self, message: Message) -> Message {
         let reply = self
             .device
             .on_frame(&Frame::new(self.seq, message))
+            .or_else(|| self.device.finish_generation())
             .expect("a request is always answered");
         assert_eq!(reply.seq, self.seq, "the answer echoes the seq");
         reply.message
@@ -699,4 +701,90 @@ fn a_replaced_transfer_keeps_its_data_only_on_a_resumable_device() {
         };
         assert_eq!(offset, if resumable { 46 } else { 0 });
     }
+}
+
+#[test]
+fn generating_answers_busy_to_everything_until_the_key_is_made() {
+    let mut b = Bench::new(profile(SimKeyMode::Device));
+    b.hello();
+    b.seq += 1;
+    let generate = Frame::new(
+        b.seq,
+        Message::GenerateKey {
+            key_type: KeyType::P256,
+        },
+    );
+    assert_eq!(
+        b.device.on_frame(&generate),
+        None,
+        "answered when the key is made"
+    );
+    assert!(b.device.generating());
+    assert_eq!(
+        b.device.state(),
+        &State::Generating {
+            seq: b.seq,
+            key_type: KeyType::P256
+        }
+    );
+    // The GenerateKey again, a Hello, anything: Busy, with its own seq.
+    assert_eq!(
+        b.device.on_frame(&generate),
+        Some(Frame::new(b.seq, nak(ErrorCode::Busy)))
+    );
+    for request in every_request().into_iter().chain([Message::Hello {
+        protocol_version: 1,
+        max_frame: 1024,
+        station_nonce: None,
+    }]) {
+        assert_eq!(
+            b.device
+                .on_frame(&Frame::new(b.seq.wrapping_add(7), request.clone())),
+            Some(Frame::new(b.seq.wrapping_add(7), nak(ErrorCode::Busy))),
+            "{request:?} while GENERATING"
+        );
+    }
+    assert_eq!(b.device.device_key_spki(), None);
+    let done = b.device.finish_generation().unwrap();
+    assert_eq!(done.seq, b.seq, "the answer carries the GenerateKey's seq");
+    assert!(matches!(
+        done.message,
+        Message::ReadInfo {
+            item: Item::Csr,
+            ..
+        }
+    ));
+    assert!(matches!(
+        b.device.state(),
+        State::Reading {
+            item: Item::Csr,
+            ..
+        }
+    ));
+    assert_eq!(b.device.finish_generation(), None);
+    // Busy was not remembered: the retry is a duplicate of the ReadInfo.
+    assert_eq!(b.device.on_frame(&generate), Some(done));
+    assert!(b.device.device_key_spki().is_some());
+    // A reset while generating loses the generation.
+    b.send(Message::Abort);
+    b.seq += 1;
+    let again = Frame::new(
+        b.seq,
+        Message::GenerateKey {
+            key_type: KeyType::P384,
+        },
+    );
+    assert_eq!(b.device.on_frame(&again), None);
+    b.device.reset();
+    assert_eq!(b.device.state(), &State::Idle);
+    assert_eq!(b.device.finish_generation(), None);
+    // Refused before generating: no GENERATING state.
+    b.hello();
+    assert_eq!(
+        b.send(Message::GenerateKey {
+            key_type: KeyType::Rsa3072
+        }),
+        nak(ErrorCode::UnsupportedKeyType)
+    );
+    assert!(!b.device.generating());
 }

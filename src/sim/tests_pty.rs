@@ -118,6 +118,16 @@ impl Station {
         (capabilities, device_serial, holds)
     }
 
+    /// The seq of the last request sent.
+    pub(super) fn last_seq(&self) -> u16 {
+        self.seq
+    }
+
+    /// Waits for the answer to the request with `seq` (one timeout).
+    pub(super) fn wait_for(&mut self, seq: u16) -> Option<Message> {
+        self.wait(seq)
+    }
+
     /// Writes bytes as they are.
     pub(super) fn write_raw(&mut self, bytes: &[u8]) {
         self.port.write_all(bytes).unwrap();
@@ -377,4 +387,53 @@ fn a_partial_frame_is_dropped_after_a_second_of_silence() {
         Some(Message::HelloReply { .. })
     ));
     assert_eq!(sim.stored().bad_frames, 1);
+}
+
+#[test]
+fn a_slow_key_generation_answers_busy_meanwhile() {
+    let config = SimConfig {
+        keygen_time: Duration::from_millis(600),
+        ..SimConfig::new("SN-SLOWKEY", SimKeyMode::Device)
+    };
+    let sim = SimDevice::spawn(config).unwrap();
+    let mut station = Station::open(sim.port_path());
+    station.hello();
+    station.timeout = Duration::from_millis(50);
+    station.tries = 1;
+    let generate = Message::GenerateKey {
+        key_type: KeyType::P256,
+    };
+    assert_eq!(
+        station.try_request(generate),
+        None,
+        "no answer while generating"
+    );
+    let generate_seq = station.last_seq();
+    assert_eq!(
+        station.try_hello(),
+        Some(Message::Nak {
+            code: ErrorCode::Busy
+        })
+    );
+    station.timeout = Duration::from_secs(5);
+    let info = station
+        .wait_for(generate_seq)
+        .expect("the answer once the key is made");
+    assert!(matches!(
+        info,
+        Message::ReadInfo {
+            item: Item::Csr,
+            ..
+        }
+    ));
+    // The Busy Hello was not carried out: the session goes on from a new one.
+    station.hello();
+    assert_eq!(
+        station.request(Message::ReadBegin { item: Item::Csr }),
+        info
+    );
+    let csr = station.read_item(info);
+    let checked = crate::csr::check_der(&csr).unwrap();
+    let spki = sim.stored().device_key_spki.unwrap();
+    assert!(spki.ends_with(checked.public_key.raw()));
 }
