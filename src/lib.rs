@@ -16,6 +16,7 @@
 //! - [`csr`]: CSRs made by devices, verified and checked against the allowlist;
 //! - [`ca`]: the local CA, its signer, the certificate profile, issuance;
 //! - [`device`]: the line's link protocol to devices: frames, messages, chunked transfers;
+//! - [`mod@line`]: `provline flash`: a provisioning session per port, over a [`line::Transport`];
 //! - [`sim`]: simulated devices on pseudo-terminals (`provline device-sim`);
 //! - [`cloud`]: what AWS IoT Core needs from the station (JITP template checks);
 //! - [`ledger`]: the durable record of every device and certificate (SQLite);

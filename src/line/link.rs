@@ -335,7 +335,7 @@ impl<'a, T: Transport + ?Sized> Link<'a, T> {
 
     /// Reads until the answer to the outstanding seq arrives or `timeout` passes.
     fn await_response(&mut self, timeout: Duration) -> Result<Waited, LinkError> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Instant::now() + timeout;
         let mut damaged = false;
         loop {
             while let Some(next) = self.decoder.next_frame() {
@@ -348,6 +348,10 @@ impl<'a, T: Transport + ?Sized> Link<'a, T> {
                         self.stats.dropped += 1;
                         self.stats.damaged += 1;
                         damaged = true;
+                        // The answer may be the frame just destroyed: a long
+                        // timeout (key generation) need not run out before
+                        // the retry, the device answers it from its cache.
+                        deadline = deadline.min(Instant::now() + self.timing.base);
                     }
                 }
             }
