@@ -472,3 +472,18 @@ fn watch_serves_the_ports_until_ctrl_c() {
     assert_eq!(report["interrupted"], true);
     assert_cert_verifies(tmp.path(), &ca, &dev);
 }
+
+#[test]
+fn flash_without_a_port_is_bad_usage() {
+    let tmp = tempdir();
+    make_ca(tmp.path());
+    let run = provline(tmp.path(), &["flash", "--ca", "ca"]);
+    run.expect_code(2);
+    assert!(run.stderr.contains("no --port given"), "{run}");
+    let run = provline(
+        tmp.path(),
+        &["flash", "--ca", "no-such-ca", "--port", "/dev/null"],
+    );
+    run.expect_code(2);
+    assert!(run.stderr.contains("no-such-ca"), "{run}");
+}
