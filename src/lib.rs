@@ -18,6 +18,8 @@
 //! - [`csr`]: CSRs made by devices, verified and checked against the allowlist;
 //! - [`ca`]: the local CA, its signer, the certificate profile, issuance;
 //! - [`device`]: the line's link protocol to devices: frames, messages, chunked transfers;
+//! - [`mod@line`]: `provline flash`: a provisioning session per port, over a [`line::Transport`];
+//! - [`sim`]: simulated devices on pseudo-terminals (`provline device-sim`);
 //! - [`cloud`]: AWS IoT Core: account setup, per-device registration, verification, pacing;
 //! - [`ledger`]: the durable record of every device and certificate (SQLite);
 //! - [`output`]: device bundles, the manifest and bulk-registration JSONL, written atomically;
@@ -40,9 +42,11 @@ pub mod fsx;
 pub mod job;
 pub mod keygen;
 pub mod ledger;
+pub mod line;
 pub mod output;
 pub mod pipeline;
 pub mod progress;
+pub mod sim;
 
 /// PEM with LF line endings and 64-column base64, as openssl writes it.
 pub fn pem_encode(tag: &str, der: &[u8]) -> String {

@@ -59,6 +59,10 @@ enum Command {
     Ledger(LedgerCommand),
     /// AWS IoT Core: account setup, verification of registered devices.
     Cloud(provline::cloud::cli::CloudArgs),
+    /// Provision devices on serial/USB ports, every port at once.
+    Flash(Box<provline::line::FlashArgs>),
+    /// Simulated devices on pseudo-terminals: prints "<port> <serial>" per device, runs until Ctrl-C.
+    DeviceSim(Box<provline::sim::cli::Args>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -279,6 +283,15 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             args, cli.json, cli.quiet,
         )?)),
         Command::Ledger(LedgerCommand::Export { ledger, format }) => export(ledger, format),
+        Command::Flash(args) => match provline::line::flash::command(args, cli.json, cli.quiet) {
+            Ok(code) => Ok(ExitCode::from(code)),
+            Err(provline::line::FlashError::Usage(e)) => Err(Usage(e).into()),
+            Err(e) => Err(e.into()),
+        },
+        Command::DeviceSim(args) => {
+            provline::sim::cli::run(args, cli.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => {
             let config = BenchConfig {
                 count: args.count.unwrap_or(

@@ -14,6 +14,7 @@ mod it {
     mod faults;
     mod jitp;
     mod kill;
+    mod line;
     mod profile;
     mod resume;
     mod tls;
