@@ -430,15 +430,22 @@ impl Registrar {
                             })
                             .await?;
                         match found {
-                            Some(info) if info.thing_type == thing.thing_type => {
+                            Some(info)
+                                if info.thing_type == thing.thing_type
+                                    && info.attributes == thing.attributes =>
+                            {
                                 Ok((info.arn, String::new()))
                             }
                             Some(info) => Err(CloudError::check(
                                 Api::CreateThing,
                                 serial,
                                 format!(
-                                    "thing {} exists with another configuration (thing type {:?}, not {:?})",
-                                    dev.thing_name, info.thing_type, thing.thing_type
+                                    "thing {} exists with another configuration (thing type {:?}, attributes {:?}; this device: {:?}, {:?})",
+                                    dev.thing_name,
+                                    info.thing_type,
+                                    info.attributes,
+                                    thing.thing_type,
+                                    thing.attributes
                                 ),
                             )),
                             None => Err(CloudError::check(
