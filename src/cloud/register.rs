@@ -1105,6 +1105,27 @@ groups = ["line-1"]
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn after_stop_no_registration_starts() {
+        let b = bench(
+            Fake {
+                ca: active_ca(),
+                ..Fake::default()
+            },
+            Mode::Thing,
+            3,
+        );
+        let stop = AtomicBool::new(true);
+        let devices = [b.device.clone()];
+        let answers = b.registrar.register_all(&b.ledger, &devices, &stop).await;
+        assert!(matches!(answers.as_slice(), [None]));
+        assert!(b.fake.calls().is_empty());
+        stop.store(false, Ordering::SeqCst);
+        let answers = b.registrar.register_all(&b.ledger, &devices, &stop).await;
+        assert!(matches!(answers.as_slice(), [Some(Ok(_))]));
+        assert_eq!(steps(&b).len(), 5);
+    }
+
     fn csr_and_key() -> (String, crate::keygen::PublicKey) {
         let rng = ring::rand::SystemRandom::new();
         let key = crate::keygen::generate(crate::keygen::KeyType::P256, &rng).unwrap();
