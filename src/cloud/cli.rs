@@ -115,7 +115,7 @@ pub enum CliError {
     #[error(transparent)]
     Setup(#[from] SetupError),
     /// A rate flag.
-    #[error("--rate/--account-share: {0}")]
+    #[error("--rate/--account-share")]
     Limits(#[from] LimitsError),
     /// The ledger.
     #[error(transparent)]

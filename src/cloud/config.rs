@@ -49,12 +49,12 @@ use crate::ca::DeviceProfile;
 #[non_exhaustive]
 pub enum ConfigError {
     /// Unreadable file.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Not TOML, or a key of the wrong type, unknown or missing.
     #[error("{path}: line {line}: {message}")]
@@ -250,9 +250,9 @@ pub struct StationConfig {
 impl StationConfig {
     /// Reads and checks the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::parse(path, &text)
     }

@@ -430,15 +430,22 @@ impl Registrar {
                             })
                             .await?;
                         match found {
-                            Some(info) if info.thing_type == thing.thing_type => {
+                            Some(info)
+                                if info.thing_type == thing.thing_type
+                                    && info.attributes == thing.attributes =>
+                            {
                                 Ok((info.arn, String::new()))
                             }
                             Some(info) => Err(CloudError::check(
                                 Api::CreateThing,
                                 serial,
                                 format!(
-                                    "thing {} exists with another configuration (thing type {:?}, not {:?})",
-                                    dev.thing_name, info.thing_type, thing.thing_type
+                                    "thing {} exists with another configuration (thing type {:?}, attributes {:?}; this device: {:?}, {:?})",
+                                    dev.thing_name,
+                                    info.thing_type,
+                                    info.attributes,
+                                    thing.thing_type,
+                                    thing.attributes
                                 ),
                             )),
                             None => Err(CloudError::check(
@@ -1096,6 +1103,27 @@ groups = ["line-1"]
             b.ledger.device("SN1").unwrap().unwrap().state,
             DeviceState::Issued
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_stop_no_registration_starts() {
+        let b = bench(
+            Fake {
+                ca: active_ca(),
+                ..Fake::default()
+            },
+            Mode::Thing,
+            3,
+        );
+        let stop = AtomicBool::new(true);
+        let devices = [b.device.clone()];
+        let answers = b.registrar.register_all(&b.ledger, &devices, &stop).await;
+        assert!(matches!(answers.as_slice(), [None]));
+        assert!(b.fake.calls().is_empty());
+        stop.store(false, Ordering::SeqCst);
+        let answers = b.registrar.register_all(&b.ledger, &devices, &stop).await;
+        assert!(matches!(answers.as_slice(), [Some(Ok(_))]));
+        assert_eq!(steps(&b).len(), 5);
     }
 
     fn csr_and_key() -> (String, crate::keygen::PublicKey) {

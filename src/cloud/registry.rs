@@ -233,8 +233,7 @@ pub struct CloudError {
     pub api: Api,
     /// The device serial, for per-device steps.
     pub device: Option<String>,
-    /// What went wrong.
-    #[source]
+    /// What went wrong (in the message, so not repeated as the source).
     pub kind: CloudErrorKind,
 }
 

@@ -39,7 +39,7 @@ pub enum SetupError {
     #[error(transparent)]
     Template(#[from] TemplateError),
     /// The JITP CA.
-    #[error("jitp.ca: {0}")]
+    #[error("jitp.ca")]
     Ca(#[from] CaError),
 }
 
