@@ -261,7 +261,13 @@ pub fn run_registering(
         fatal: Mutex::new(None),
         cloud,
     };
-    let threads = config.threads.max(1);
+    let threads = match cloud {
+        // A registering worker spends most of a chunk waiting on AWS's
+        // pace: more workers than cores keep every API's limiter fed while
+        // some of them sign and write their next chunk.
+        Some(_) => config.threads.max(1) * REGISTERING_WORKERS_PER_THREAD,
+        None => config.threads.max(1),
+    };
     let (work_tx, work_rx) =
         crossbeam_channel::bounded::<Vec<(DeviceRequest, Action)>>(threads * 2);
     let (done_tx, mut done_rx) =
@@ -338,6 +344,9 @@ pub fn run_registering(
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
+
+/// Workers per thread when the batch registers devices (`--register`).
+const REGISTERING_WORKERS_PER_THREAD: usize = 4;
 
 pub(crate) type Done = tokio::sync::mpsc::Sender<(ManifestRow, Outcome)>;
 
