@@ -489,3 +489,36 @@ fn setup_survives_throttling_and_dropped_connections() {
     );
     assert_eq!(bed.moto.snapshot(&[bed.ca_id()]), before);
 }
+
+/// Multi-account: the same CA registered in SNI_ONLY mode, which needs no
+/// registration code and no verification certificate.
+#[test]
+fn setup_registers_the_ca_sni_only_without_a_verification_certificate() {
+    let bed = Bed::new(Faults::none());
+    let cfg = bed.config("station.toml");
+    let text = fs::read_to_string(&cfg).expect("read station.toml");
+    assert!(text.contains("mode = \"default\""), "fixture changed");
+    fs::write(
+        bed.config("station-sni.toml"),
+        text.replace("mode = \"default\"", "mode = \"sni-only\""),
+    )
+    .expect("write station-sni.toml");
+    let run = bed.setup("station-sni.toml", &[]);
+    run.expect_code(0);
+    assert!(
+        bed.proxy.calls_of("GetRegistrationCode").is_empty(),
+        "SNI_ONLY needs no registration code\n{run}"
+    );
+    let register_ca = bed.proxy.calls_of("RegisterCACertificate");
+    assert_eq!(register_ca.len(), 1, "{run}");
+    let body = register_ca[0].json();
+    assert_eq!(body["certificateMode"], json!("SNI_ONLY"), "{body}");
+    assert!(
+        body.get("verificationCertificate").is_none(),
+        "a verification certificate was sent in SNI_ONLY mode: {body}"
+    );
+    assert!(
+        bed.moto.ca_certificate(&bed.ca_id()).is_some(),
+        "the CA is not registered in moto\n{run}"
+    );
+}
