@@ -10,7 +10,9 @@
 //!                                                  │
 //!                         cloud: paced AWS IoT calls (setup, per-device registration, verify)
 //!
-//!  the line (next):  device (frames, messages) <-> serial port
+//!  a device on a serial port ──> line: one session per port (hello, the device's CSR or a
+//!                                station key, ca (sign), write, read back, prove), each step
+//!                                in the ledger; device: the frames and messages on the wire
 //! ```
 //!
 //! - [`job`]: the job CSV, row by row, each row checked and numbered;
@@ -27,8 +29,9 @@
 //! - [`progress`]: the live bar and the summary;
 //! - [`mod@bench`]: throughput of each stage against the raw crypto it rests on.
 //!
-//! Edges are traits: the CA [`ca::signer::Signer`], the [`clock::Clock`] and
-//! AWS IoT [`cloud::registry::Registry`].
+//! Edges are traits: the CA [`ca::signer::Signer`], the [`clock::Clock`],
+//! AWS IoT [`cloud::registry::Registry`] and the serial port
+//! [`line::Transport`].
 #![forbid(unsafe_code, unused_must_use)]
 #![warn(missing_docs)]
 
