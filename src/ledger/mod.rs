@@ -72,7 +72,6 @@ use time::OffsetDateTime;
 
 use crate::clock::{Clock, SystemClock};
 
-mod checkpoint;
 mod error;
 mod lifecycle;
 pub mod reader;
@@ -168,7 +167,6 @@ pub struct Ledger {
     ca: CaId,
     sender: Option<Sender<Request>>,
     writer: Option<JoinHandle<()>>,
-    checkpointer: Option<checkpoint::Checkpointer>,
     reader: LedgerReader,
     recovered: Vec<AbandonedIntent>,
     _lock: Mutex<StationLock>,
@@ -192,7 +190,6 @@ impl Ledger {
         }
         let recovered = recover(&conn, path, &timestamp(options.clock.now()))?;
         let reader = LedgerReader::open(path)?;
-        let checkpointer = checkpoint::Checkpointer::start(path)?;
         let (sender, rx) = crossbeam_channel::bounded(options.queue.max(1));
         let writer = Writer {
             conn,
@@ -217,7 +214,6 @@ impl Ledger {
             ca,
             sender: Some(sender),
             writer: Some(handle),
-            checkpointer: Some(checkpointer),
             reader,
             recovered,
             _lock: Mutex::new(lock),
@@ -450,10 +446,7 @@ impl Ledger {
 
     fn stop(&mut self) -> Result<(), LedgerError> {
         self.sender.take();
-        let joined = self.writer.take().map(JoinHandle::join);
-        // A last checkpoint after the last commit.
-        self.checkpointer.take();
-        match joined {
+        match self.writer.take().map(JoinHandle::join) {
             Some(Err(_)) => Err(self.stopped("closing")),
             _ => Ok(()),
         }

@@ -157,30 +157,16 @@ fn throughput() {
     }
 }
 
-/// CPU time of the writer thread per device over a batch's whole
-/// lifecycle (plan, intent, issued, delivered), submitted in chunks as the
-/// pipeline does. CPU time, not wall time: it is what caps a batch, and it
-/// moves less than wall time on a shared machine.
-/// `cargo test --release --lib ledger::tests_load::writer_cpu -- --ignored --nocapture`
-#[test]
-#[ignore = "a measurement, not a check"]
-fn writer_cpu_per_device() {
-    let devices: usize = std::env::var("PROVLINE_LOAD_DEVICES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(40_000);
-    const THREADS: usize = 4;
+/// Runs `devices` devices through plan, intent, issued and delivered on
+/// `threads` threads, each submitting chunks of 64 as the pipeline does.
+fn run_lifecycles(ledger: &Ledger, devices: usize, threads: usize) {
     const CHUNK: usize = 64;
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = Ledger::open(&ledger_path(&dir), test_ca(), LedgerOptions::default()).unwrap();
-    let job = job("bench");
-    let before = writer_cpu();
-    let start = Instant::now();
+    let job = job("load");
     std::thread::scope(|s| {
-        for t in 0..THREADS {
-            let (ledger, job) = (&ledger, &job);
+        for t in 0..threads {
+            let job = &job;
             s.spawn(move || {
-                let mine: Vec<usize> = (t..devices).step_by(THREADS).collect();
+                let mine: Vec<usize> = (t..devices).step_by(threads).collect();
                 for chunk in mine.chunks(CHUNK) {
                     let serials: Vec<String> = chunk.iter().map(|i| format!("SN-{i:09}")).collect();
                     let plans: Vec<_> = serials
@@ -192,9 +178,9 @@ fn writer_cpu_per_device() {
                                 .unwrap()
                         })
                         .collect();
-                    plans.into_iter().for_each(|p| {
+                    for p in plans {
                         p.wait().unwrap();
-                    });
+                    }
                     let intents: Vec<_> = serials
                         .iter()
                         .zip(chunk)
@@ -235,6 +221,45 @@ fn writer_cpu_per_device() {
             });
         }
     });
+}
+
+/// A long job does not grow the WAL without bound: checkpoints keep up
+/// with a writer that commits without pause.
+#[test]
+fn the_wal_stays_small_under_continuous_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = ledger_path(&dir);
+    let ledger = Ledger::open(&path, test_ca(), LedgerOptions::default()).unwrap();
+    run_lifecycles(&ledger, 8_000, 4);
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal_bytes = std::fs::metadata(&wal).unwrap().len();
+    let db_bytes = std::fs::metadata(&path).unwrap().len();
+    assert!(
+        wal_bytes < 16 << 20,
+        "WAL of {wal_bytes} bytes beside a database of {db_bytes}"
+    );
+    ledger.close().unwrap();
+}
+
+/// CPU time of the writer thread per device over a batch's whole
+/// lifecycle (plan, intent, issued, delivered), submitted in chunks as the
+/// pipeline does. CPU time, not wall time: it is what caps a batch, and it
+/// moves less than wall time on a shared machine.
+/// `cargo test --release --lib ledger::tests_load::writer_cpu -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement, not a check"]
+fn writer_cpu_per_device() {
+    const THREADS: usize = 4;
+    let devices: usize = std::env::var("PROVLINE_LOAD_DEVICES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(40_000);
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&ledger_path(&dir), test_ca(), LedgerOptions::default()).unwrap();
+    let before = writer_cpu();
+    let start = Instant::now();
+    run_lifecycles(&ledger, devices, THREADS);
     let secs = start.elapsed().as_secs_f64();
     let cpu = writer_cpu() - before;
     println!(
