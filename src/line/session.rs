@@ -511,54 +511,51 @@ impl Station<'_> {
         let result = session.run();
         let seconds = started.elapsed().as_secs_f64();
         let serial = session.device.as_ref().map(|d| d.serial.clone());
-        match result {
-            Ok(()) => {
-                let (device, cert) = match (session.device, session.cert) {
-                    (Some(d), Some(c)) => (d, c),
-                    _ => unreachable_passed(),
-                };
-                let stats: LinkStats = session.link.stats();
-                Ok(Passed {
+        let stats: LinkStats = session.link.stats();
+        let (restarts, planned, step) = (session.restarts, session.planned, session.step);
+        let error = match (result, session.device, session.cert) {
+            (Ok(()), Some(device), Some(cert)) => {
+                return Ok(Passed {
                     port: port_name,
                     serial: device.serial,
                     thing_name: device.thing_name,
                     cert_serial: cert.serial_hex,
                     certificate_id: cert.certificate_id,
                     reused: cert.reused,
-                    restarts: session.restarts,
+                    restarts,
                     retries: stats.retries,
                     bytes_out: stats.bytes_out,
                     bytes_in: stats.bytes_in,
                     seconds,
                 })
             }
-            Err(error) => {
-                let error = *error;
-                if let Some(serial) = &serial {
-                    if session.planned {
-                        // The failure is recorded where it can be; a ledger
-                        // that cannot take it has already failed the session.
-                        let _ = self.ledger.fail(serial, &error.to_string());
-                    }
-                    if !matches!(error, SessionError::AlreadyClaimed { .. }) {
-                        self.claims.release(serial, &port_name);
-                    }
-                }
-                Err(Box::new(Failure {
-                    port: port_name,
-                    serial,
-                    step: session.step,
-                    error,
-                    seconds,
-                }))
+            (Ok(()), _, _) => Box::new(SessionError::Unexpected {
+                port: port_name.clone(),
+                serial: serial.clone().unwrap_or_default(),
+                request: "Prove",
+                got: "a session that ended without a certificate".into(),
+            }),
+            (Err(error), _, _) => error,
+        };
+        let error = *error;
+        if let Some(serial) = &serial {
+            if planned {
+                // The failure is recorded where it can be; a ledger that
+                // cannot take it has already failed the session.
+                let _ = self.ledger.fail(serial, &error.to_string());
+            }
+            if !matches!(error, SessionError::AlreadyClaimed { .. }) {
+                self.claims.release(serial, &port_name);
             }
         }
+        Err(Box::new(Failure {
+            port: port_name,
+            serial,
+            step,
+            error,
+            seconds,
+        }))
     }
-}
-
-/// A session that ended well has a device and a certificate.
-fn unreachable_passed() -> ! {
-    panic!("a passed session always holds its device and certificate")
 }
 
 impl<T: Transport + ?Sized> Session<'_, '_, T> {
@@ -620,11 +617,16 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             .map_or_else(|| "(unknown)".to_string(), |d| d.serial.clone())
     }
 
-    fn device(&self) -> &DeviceInfo {
-        match &self.device {
-            Some(d) => d,
-            None => panic!("the hello comes before every other step"),
-        }
+    /// The device the hello found (every state after `Hello` has one).
+    fn device(&self) -> Result<&DeviceInfo, Flow> {
+        self.device.as_ref().ok_or_else(|| {
+            fail(SessionError::Unexpected {
+                port: self.port(),
+                serial: self.serial(),
+                request: "Hello",
+                got: "no HelloReply before this step".into(),
+            })
+        })
     }
 
     /// Moves the device forward to `to` in the ledger, unless it is there
@@ -796,7 +798,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         else {
             return Ok(None);
         };
-        let holds = self.device().holds;
+        let holds = self.device()?.holds;
         let key_there =
             self.station.config.key_mode == KeyMode::Device || holds.contains(Item::PrivateKey);
         if holds.contains(Item::Certificate) && key_there {
@@ -842,7 +844,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         let Some(csr_sha) = self.key.as_ref().and_then(|k| k.csr_sha) else {
             return Ok(());
         };
-        if self.device().holds.contains(Item::Certificate) {
+        if self.device()?.holds.contains(Item::Certificate) {
             return Ok(());
         }
         let same = match self
@@ -871,7 +873,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
 
     fn device_key(&mut self) -> Result<KeyHeld, Flow> {
         let key_type = self.station.config.key_type;
-        let caps = self.device().capabilities;
+        let caps = self.device()?.capabilities;
         let wire = wire_key(key_type);
         let able = caps.contains(Capabilities::CAN_GENERATE_KEY)
             && Capabilities::for_key(wire).is_some_and(|c| caps.contains(c));
@@ -971,7 +973,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
 
     fn station_key(&mut self) -> Result<KeyHeld, Flow> {
         if !self
-            .device()
+            .device()?
             .capabilities
             .contains(Capabilities::ACCEPTS_PRIVATE_KEY)
         {
@@ -989,7 +991,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             })
         })?;
         if let Some(dir) = &self.station.config.keep_keys {
-            let path = dir.join(format!("{}.key.pem", self.device().thing_name));
+            let path = dir.join(format!("{}.key.pem", self.device()?.thing_name));
             fsx::write_atomic(
                 &path,
                 key.pkcs8_pem().as_bytes(),
@@ -1015,7 +1017,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
     fn issue(&mut self) -> Result<State, Flow> {
         if self.cert.is_none() {
             let serial = self.serial();
-            let thing_name = self.device().thing_name.clone();
+            let thing_name = self.device()?.thing_name.clone();
             let Some(key) = &self.key else {
                 return Ok(State::Key);
             };
@@ -1056,7 +1058,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             self.items.clear();
         }
         if self.items.is_empty() {
-            self.items = self.build_items();
+            self.items = self.build_items()?;
         }
         Ok(State::Write(0))
     }
@@ -1064,7 +1066,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
     /// What goes to the device, in order: the key (station mode, when the
     /// session made it), the certificate, the chain, the thing name, the
     /// endpoint, the root CA.
-    fn build_items(&self) -> Vec<(Item, Vec<u8>)> {
+    fn build_items(&self) -> Result<Vec<(Item, Vec<u8>)>, Flow> {
         let mut items = Vec::with_capacity(6);
         if let Some(private) = self.key.as_ref().and_then(|k| k.private.as_ref()) {
             items.push((Item::PrivateKey, private.pkcs8_der().to_vec()));
@@ -1080,7 +1082,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         }
         items.push((
             Item::ThingName,
-            self.device().thing_name.clone().into_bytes(),
+            self.device()?.thing_name.clone().into_bytes(),
         ));
         let config = self.station.config;
         if !config.endpoint.is_empty() {
@@ -1089,7 +1091,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         if let Some(root) = &config.root_ca {
             items.push((Item::RootCa, root.clone()));
         }
-        items
+        Ok(items)
     }
 
     fn next_write(&self, i: usize) -> State {
@@ -1104,7 +1106,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         let (item, data) = self.items[i].clone();
         let sha = sha256(&data);
         let total_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        if self.device().holds.contains(item) {
+        if self.device()?.holds.contains(item) {
             if let Message::Digest {
                 total_len: len,
                 sha256: found,
