@@ -102,6 +102,7 @@ pub fn item_name(item: Item) -> String {
         Item::Endpoint => "endpoint".into(),
         Item::RootCa => "root CA".into(),
         Item::Csr => "CSR".into(),
+        Item::Bundle => "bundle".into(),
         Item::Unknown(n) => format!("item {n}"),
     }
 }

@@ -191,6 +191,7 @@ pub fn item_file_name(item: Item) -> String {
         Item::Endpoint => "endpoint.txt".into(),
         Item::RootCa => "root-ca.der".into(),
         Item::Csr => "csr.der".into(),
+        Item::Bundle => "bundle.bin".into(),
         Item::Unknown(id) => format!("item-{id}.bin"),
     }
 }
