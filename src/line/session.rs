@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! Hello -> Key -> Issue -> Write(item)... -> Commit -> ReadBack(item)... -> Prove -> Done
-//!   ^        (GenerateKey + CSR, or a station key)                            |
-//!   └──── Nak{BadSequence | NotAllowedInState}: the device was reset ──────────┘ (resume)
+//!   ^        (GenerateKey + CSR,    └─ WriteBundle ─┘        └─ ReadBackSet ─┘        |
+//!   |         or a station key)     (a device with BUNDLE: one write, one digest)    |
+//!   └──── Nak{BadSequence | NotAllowedInState}: the device was reset ──────────────────┘ (resume)
 //! ```
 //!
 //! Every step is in the ledger before the next one starts: the device is
@@ -28,6 +29,7 @@ use super::link::{Link, LinkError, LinkStats, LinkTiming};
 use super::transport::Transport;
 use crate::ca::{DeviceProfile, IssueError, LocalCa};
 use crate::clock::Clock;
+use crate::device::bundle;
 use crate::device::message::NONCE_LEN;
 use crate::device::{
     chunk_capacity, sha256, Capabilities, Chunker, ErrorCode, Item, ItemSet, KeyType as WireKey,
@@ -438,8 +440,10 @@ enum State {
     Key,
     Issue,
     Write(usize),
+    WriteBundle,
     Commit,
     ReadBack(usize),
+    ReadBackSet,
     Prove,
     Done,
 }
@@ -568,8 +572,10 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 State::Key => Step::Key,
                 State::Issue => Step::Issue,
                 State::Write(i) => Step::Write(self.items[i].0),
+                State::WriteBundle => Step::Write(Item::Bundle),
                 State::Commit => Step::Commit,
                 State::ReadBack(i) => Step::ReadBack(self.items[i].0),
+                State::ReadBackSet => Step::ReadBack(Item::Bundle),
                 State::Prove => Step::Prove,
                 State::Done => Step::Done,
             };
@@ -583,8 +589,10 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 State::Key => self.key(),
                 State::Issue => self.issue(),
                 State::Write(i) => self.write(i),
+                State::WriteBundle => self.write_bundle(),
                 State::Commit => self.commit(),
                 State::ReadBack(i) => self.read_back(i),
+                State::ReadBackSet => self.read_back_set(),
                 State::Prove => self.prove(),
                 State::Done => return Ok(()),
             };
@@ -1061,7 +1069,17 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         if self.items.is_empty() {
             self.items = self.build_items()?;
         }
-        Ok(State::Write(0))
+        Ok(if self.bundles()? {
+            State::WriteBundle
+        } else {
+            State::Write(0)
+        })
+    }
+
+    /// Whether the device takes bundles (`BUNDLE`): then the items go in
+    /// one `Bundle` write and are read back with one `ReadDigestSet`.
+    fn bundles(&self) -> Result<bool, Flow> {
+        Ok(self.device()?.capabilities.contains(Capabilities::BUNDLE))
     }
 
     /// What goes to the device, in order: the key (station mode, when the
@@ -1103,27 +1121,64 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         }
     }
 
+    /// Whether the device already holds `item` (committed) with these bytes.
+    fn holds_already(&mut self, item: Item, data: &[u8]) -> Result<bool, Flow> {
+        if !self.device()?.holds.contains(item) {
+            return Ok(false);
+        }
+        let total_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        Ok(matches!(
+            self.ask(Message::ReadDigest { item }, 64, None)?,
+            Message::Digest { total_len: len, sha256: found, .. }
+                if len == total_len && found == sha256(data)
+        ))
+    }
+
     fn write(&mut self, i: usize) -> Result<State, Flow> {
         let (item, data) = self.items[i].clone();
-        let sha = sha256(&data);
-        let total_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        if self.device()?.holds.contains(item) {
-            if let Message::Digest {
-                total_len: len,
-                sha256: found,
-                ..
-            } = self.ask(Message::ReadDigest { item }, 64, None)?
-            {
-                if len == total_len && found == sha {
-                    return Ok(self.next_write(i));
-                }
+        if !self.holds_already(item, &data)? {
+            self.write_item(item, &data)?;
+        }
+        Ok(self.next_write(i))
+    }
+
+    /// Writes every item the device does not already hold, as one Bundle
+    /// in ascending item order.
+    fn write_bundle(&mut self) -> Result<State, Flow> {
+        let mut pending = Vec::with_capacity(self.items.len());
+        for (item, data) in self.items.clone() {
+            if !self.holds_already(item, &data)? {
+                pending.push((item, data));
             }
         }
+        if pending.is_empty() {
+            return Ok(State::Commit);
+        }
+        pending.sort_by_key(|(item, _)| u8::from(*item));
+        let entries: Vec<(Item, &[u8])> = pending
+            .iter()
+            .map(|(item, data)| (*item, data.as_slice()))
+            .collect();
+        let content = bundle::encode(&entries).map_err(|e| {
+            fail(SessionError::Capability {
+                port: self.port(),
+                serial: self.serial(),
+                reason: e.to_string(),
+            })
+        })?;
+        self.write_item(Item::Bundle, &content)?;
+        Ok(State::Commit)
+    }
+
+    /// Writes one item from `WriteBegin` (resuming where the device stands)
+    /// to `WriteEnd`.
+    fn write_item(&mut self, item: Item, data: &[u8]) -> Result<(), Flow> {
+        let total_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         let peer = self.link.peer_max_frame();
         let mut attempts = 0;
         'begin: loop {
             attempts += 1;
-            let chunker = Chunker::new(item, &data, peer).map_err(|e| {
+            let chunker = Chunker::new(item, data, peer).map_err(|e| {
                 fail(SessionError::Capability {
                     port: self.port(),
                     serial: self.serial(),
@@ -1141,7 +1196,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             while offset < total_len {
                 // A chunker per chunk: its size follows the line's noise.
                 let limit = self.write_limit.min(peer);
-                let mut chunker = Chunker::new(item, &data, limit).map_err(|e| {
+                let mut chunker = Chunker::new(item, data, limit).map_err(|e| {
                     fail(SessionError::Capability {
                         port: self.port(),
                         serial: self.serial(),
@@ -1174,20 +1229,85 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 }
             }
             match self.ask(chunker.end(), 64, None)? {
-                Message::Ack => return Ok(self.next_write(i)),
+                Message::Ack => return Ok(()),
                 other => return Err(self.unexpected("WriteEnd", &other)),
             }
         }
     }
 
     fn commit(&mut self) -> Result<State, Flow> {
+        let next = if self.bundles()? {
+            State::ReadBackSet
+        } else {
+            State::ReadBack(0)
+        };
         match self.ask(Message::Commit, 64, Some(COMMIT_TIMEOUT))? {
-            Message::Ack => Ok(State::ReadBack(0)),
+            Message::Ack => Ok(next),
             other => Err(self.unexpected("Commit", &other)),
         }
     }
 
     fn read_back(&mut self, i: usize) -> Result<State, Flow> {
+        self.check_digest(i)?;
+        if i + 1 < self.items.len() {
+            return Ok(State::ReadBack(i + 1));
+        }
+        self.delivered()?;
+        Ok(State::Prove)
+    }
+
+    /// One `ReadDigestSet` over every item provisioned, compared with the
+    /// digest of what was written. On a mismatch the items are read back
+    /// one by one to name the bad one; the device fails either way.
+    fn read_back_set(&mut self) -> Result<State, Flow> {
+        let mut set = ItemSet::default();
+        let mut sorted: Vec<&(Item, Vec<u8>)> = self.items.iter().collect();
+        sorted.sort_by_key(|(item, _)| u8::from(*item));
+        for (item, _) in &sorted {
+            set.insert(*item);
+        }
+        let expected = bundle::set_digest(sorted.iter().map(|(_, data)| data.as_slice()));
+        let expected_len = sorted.iter().map(|(_, data)| data.len()).sum::<usize>();
+        let expected_len = u32::try_from(expected_len).unwrap_or(u32::MAX);
+        match self.ask(Message::ReadDigestSet { items: set }, 64, None)? {
+            Message::Digest {
+                item: Item::Bundle,
+                total_len,
+                sha256: found,
+            } => {
+                if total_len != expected_len || found != expected {
+                    for i in 0..self.items.len() {
+                        self.check_digest(i)?;
+                    }
+                    return Err(fail(SessionError::DigestMismatch {
+                        port: self.port(),
+                        serial: self.serial(),
+                        item: "set of items".into(),
+                        expected_len,
+                        expected: hex(&expected),
+                        found_len: total_len,
+                        found: hex(&found),
+                    }));
+                }
+            }
+            other => return Err(self.unexpected("ReadDigestSet", &other)),
+        }
+        self.delivered()?;
+        Ok(State::Prove)
+    }
+
+    /// The written items are in the device and read back: `delivered`.
+    fn delivered(&mut self) -> Result<(), Flow> {
+        let detail = self
+            .cert
+            .as_ref()
+            .map(|c| c.serial_hex.clone())
+            .unwrap_or_default();
+        self.advance(DeviceState::Delivered, &detail)
+    }
+
+    /// Compares the stored digest of the `i`-th item with what was written.
+    fn check_digest(&mut self, i: usize) -> Result<(), Flow> {
         let (item, data) = &self.items[i];
         let item = *item;
         let expected = sha256(data);
@@ -1212,16 +1332,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             }
             other => return Err(self.unexpected("ReadDigest", &other)),
         }
-        if i + 1 < self.items.len() {
-            return Ok(State::ReadBack(i + 1));
-        }
-        let detail = self
-            .cert
-            .as_ref()
-            .map(|c| c.serial_hex.clone())
-            .unwrap_or_default();
-        self.advance(DeviceState::Delivered, &detail)?;
-        Ok(State::Prove)
+        Ok(())
     }
 
     fn prove(&mut self) -> Result<State, Flow> {
