@@ -161,18 +161,33 @@ fn targets() {
     for max_frame in [256u16, 1024] {
         let mut times = Vec::new();
         let mut payload = 0;
+        let (mut crossed, mut requests) = (0, 0);
         for _ in 0..rounds {
             let devices = Rig::devices(1, BAUD, max_frame);
             times.push(rig.provision(&devices));
             payload = payload_bytes(&devices[0]);
+            let stored = devices[0].stored();
+            crossed = stored.bytes_in + stored.bytes_out;
+            requests = stored.frames_in;
         }
         let t = median(times);
-        let wire = Duration::from_secs_f64(payload as f64 * 10.0 / f64::from(BAUD));
+        let on_wire = |bytes: f64| Duration::from_secs_f64(bytes * 10.0 / f64::from(BAUD));
+        let wire = on_wire(payload as f64);
         println!(
             "line/efficiency max_frame={max_frame}: provisioning {:.1} ms, payload {payload} B = {:.1} ms on the wire at {BAUD} baud, ratio {:.2} (target <= 1.3)",
             t.as_secs_f64() * 1e3,
             wire.as_secs_f64() * 1e3,
             t.as_secs_f64() / wire.as_secs_f64()
+        );
+        // Where the time beyond the payload goes: the protocol's bytes, and
+        // what is left per request (turnaround, station CPU, ledger writes).
+        let all = on_wire(crossed as f64);
+        let rest = t.saturating_sub(all);
+        println!(
+            "line/efficiency max_frame={max_frame}: {crossed} B crossed the wire ({:.2} x payload) in {requests} requests; the other {:.1} ms are {:.2} ms a request",
+            crossed as f64 / payload as f64,
+            rest.as_secs_f64() * 1e3,
+            rest.as_secs_f64() * 1e3 / requests.max(1) as f64
         );
     }
     let mut one = Vec::new();

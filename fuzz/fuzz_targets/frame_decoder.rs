@@ -1,9 +1,10 @@
 //! Feeds arbitrary bytes to the device-link frame decoder, in pieces whose
-//! sizes the input also chooses, and round-trips every frame that decodes.
+//! sizes the input also chooses, and round-trips every frame that decodes;
+//! then to the bundle parser, round-tripping every bundle it accepts.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use provline::device::{decode, encode, FrameDecoder};
+use provline::device::{bundle, decode, encode, FrameDecoder};
 
 fuzz_target!(|input: &[u8]| {
     let Some((&shape, bytes)) = input.split_first() else {
@@ -23,4 +24,7 @@ fuzz_target!(|input: &[u8]| {
         assert!(decoder.buffered() < max_frame);
     }
     let _ = decode(bytes);
+    if let Ok(entries) = bundle::parse(bytes) {
+        assert_eq!(bundle::encode(&entries).expect("a parsed bundle encodes"), bytes);
+    }
 });

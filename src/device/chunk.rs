@@ -235,6 +235,11 @@ impl Reassembler {
         u32::try_from(self.data.len()).unwrap_or(u32::MAX)
     }
 
+    /// The bytes received so far.
+    pub fn received_bytes(&self) -> &[u8] {
+        &self.data
+    }
+
     /// Whether a new `WriteBegin` announces the same bytes, so that the
     /// transfer resumes at [`received`](Reassembler::received).
     pub fn same_transfer(&self, item: Item, total_len: u32, sha256: &[u8; 32]) -> bool {

@@ -46,6 +46,8 @@ pub mod msg_type {
     pub const ABORT: u8 = 0x0B;
     /// `Reset`.
     pub const RESET: u8 = 0x0C;
+    /// `ReadDigestSet`.
+    pub const READ_DIGEST_SET: u8 = 0x0D;
     /// `HelloReply`.
     pub const HELLO_REPLY: u8 = 0x81;
     /// `Ack`.
@@ -137,6 +139,13 @@ pub enum Message {
     Abort,
     /// Station: erase every item and the device key. Answered by `Ack`.
     Reset,
+    /// Station: report one digest over several committed items (devices
+    /// with `BUNDLE`). Answered by `Digest` for [`Item::Bundle`]: the
+    /// items' total length and [`super::bundle::set_digest`] of them.
+    ReadDigestSet {
+        /// The items, in ascending item order.
+        items: ItemSet,
+    },
     /// Device: answer to `Hello`.
     HelloReply {
         /// The message-set version chosen (at most the station's).
@@ -218,6 +227,7 @@ impl Message {
             Message::Commit => t::COMMIT,
             Message::Abort => t::ABORT,
             Message::Reset => t::RESET,
+            Message::ReadDigestSet { .. } => t::READ_DIGEST_SET,
             Message::HelloReply { .. } => t::HELLO_REPLY,
             Message::Ack => t::ACK,
             Message::Nak { .. } => t::NAK,
@@ -287,6 +297,7 @@ impl Message {
                 out.extend(max_len.to_le_bytes());
             }
             Message::Prove { nonce } => out.extend(nonce),
+            Message::ReadDigestSet { items } => out.extend(items.0.to_le_bytes()),
             Message::Commit | Message::Abort | Message::Reset | Message::Ack => {}
             Message::HelloReply {
                 protocol_version,
@@ -385,6 +396,9 @@ impl Message {
             t::COMMIT => Message::Commit,
             t::ABORT => Message::Abort,
             t::RESET => Message::Reset,
+            t::READ_DIGEST_SET => Message::ReadDigestSet {
+                items: ItemSet(r.u16("items")?),
+            },
             t::ACK => Message::Ack,
             t::HELLO_REPLY => Message::HelloReply {
                 protocol_version: r.u8("protocol_version")?,

@@ -14,11 +14,14 @@
 //!   frame-size arithmetic ([`max_payload`], [`chunk_capacity`]);
 //! - [`message`]: every [`Message`] and its payload layout;
 //! - [`values`]: items, key types, error codes, capabilities, item sets;
+//! - [`bundle`]: the TLV content of an [`Item::Bundle`] and the digest of an
+//!   item set;
 //! - [`chunk`]: [`Chunker`] and [`Reassembler`] for items larger than a frame;
 //! - [`dup`]: the device's [`DuplicateFilter`] (last seq and its response);
 //! - [`cobs`] and [`crc`]: COBS and CRC-32/ISO-HDLC, written out here so that
 //!   the page a firmware team reads and the code agree byte for byte.
 
+pub mod bundle;
 pub mod chunk;
 pub mod cobs;
 pub mod codec;
@@ -37,6 +40,7 @@ mod tests_golden;
 #[cfg(test)]
 mod tests_transfer;
 
+pub use bundle::BundleError;
 pub use chunk::{read_slice, sha256, ChunkError, Chunker, Reassembler};
 pub use codec::{
     chunk_capacity, decode, encode, max_payload, Flags, Frame, FrameDecoder, FRAME_VERSION,

@@ -3,6 +3,7 @@
 use proptest::collection::vec;
 use proptest::prelude::*;
 
+use super::bundle;
 use super::chunk::{sha256, Chunker, Reassembler};
 use super::codec::{chunk_capacity, decode, encode, Flags, Frame, FrameDecoder, MIN_MAX_FRAME};
 use super::message::Message;
@@ -66,6 +67,9 @@ pub(super) fn message() -> impl Strategy<Value = Message> {
         Just(Message::Commit),
         Just(Message::Abort),
         Just(Message::Reset),
+        any::<u16>().prop_map(|items| Message::ReadDigestSet {
+            items: ItemSet(items)
+        }),
         (
             any::<u8>(),
             any::<u16>(),
@@ -306,5 +310,64 @@ proptest! {
             deliver(&mut r, m)?;
         }
         prop_assert_eq!(r.finish().unwrap(), data);
+    }
+}
+
+/// Items for a bundle: distinct ids other than Bundle's, in ascending order.
+fn bundle_items() -> impl Strategy<Value = Vec<(Item, Vec<u8>)>> {
+    proptest::collection::btree_map(any::<u8>(), bytes(300), 0..8).prop_map(|m| {
+        m.into_iter()
+            .filter(|(id, _)| Item::from(*id) != Item::Bundle)
+            .map(|(id, data)| (Item::from(id), data))
+            .collect()
+    })
+}
+
+proptest! {
+    /// (5) A bundle parses back to the items it was built from.
+    #[test]
+    fn bundles_round_trip(items in bundle_items()) {
+        let refs: Vec<(Item, &[u8])> = items.iter().map(|(i, d)| (*i, d.as_slice())).collect();
+        let content = bundle::encode(&refs).unwrap();
+        let total: usize = items.iter().map(|(_, d)| bundle::ENTRY_HEADER_LEN + d.len()).sum();
+        prop_assert_eq!(content.len(), total);
+        prop_assert_eq!(bundle::parse(&content).unwrap(), refs);
+    }
+
+    /// (6) Any bytes: the bundle parser never panics, and what it accepts is
+    /// in ascending item order, has no Bundle inside, and re-encodes to the
+    /// same bytes.
+    #[test]
+    fn arbitrary_bytes_never_panic_the_bundle_parser(content in bytes(1200)) {
+        if let Ok(entries) = bundle::parse(&content) {
+            let ids: Vec<u8> = entries.iter().map(|(i, _)| u8::from(*i)).collect();
+            prop_assert!(ids.windows(2).all(|w| w[0] < w[1]));
+            prop_assert!(!entries.iter().any(|(i, _)| *i == Item::Bundle));
+            prop_assert_eq!(bundle::encode(&entries).unwrap(), content);
+        }
+    }
+
+    /// (7) A bundle damaged (a byte flipped, cut short) either parses to
+    /// entries that re-encode to the damaged bytes, or is refused; never a panic.
+    #[test]
+    fn damaged_bundles_are_refused_or_consistent(
+        items in bundle_items(),
+        at in any::<usize>(),
+        mask in 1u8..,
+        cut in any::<bool>(),
+    ) {
+        let refs: Vec<(Item, &[u8])> = items.iter().map(|(i, d)| (*i, d.as_slice())).collect();
+        let mut content = bundle::encode(&refs).unwrap();
+        if !content.is_empty() {
+            let at = at % content.len();
+            if cut {
+                content.truncate(at);
+            } else {
+                content[at] ^= mask;
+            }
+        }
+        if let Ok(entries) = bundle::parse(&content) {
+            prop_assert_eq!(bundle::encode(&entries).unwrap(), content);
+        }
     }
 }

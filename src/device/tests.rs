@@ -85,6 +85,9 @@ pub(super) fn one_of_each() -> Vec<Message> {
         Message::Proof {
             signature: vec![0x30, 0x44, 0x02, 0x20, 0x00],
         },
+        Message::ReadDigestSet {
+            items: ItemSet(0x003E),
+        },
     ]
 }
 
@@ -103,7 +106,7 @@ fn every_message_round_trips() {
         assert!(!wire[..wire.len() - 1].contains(&0));
         assert_eq!(decode(&wire).unwrap(), frame);
     }
-    assert_eq!(types.len(), 20, "one message of each of the 20 types");
+    assert_eq!(types.len(), 21, "one message of each of the 21 types");
 }
 
 #[test]
@@ -388,4 +391,79 @@ fn receive_limit_can_change_mid_frame() {
     d.push(&[1, 2, 3]);
     d.clear();
     assert_eq!(d.buffered(), 0);
+}
+
+#[test]
+fn bundle_tlv_layout_and_errors() {
+    use super::bundle::{encode, parse, set_digest, BundleError};
+    let content = encode(&[(Item::ThingName, b"sn-1"), (Item::Endpoint, b"ep")]).unwrap();
+    assert_eq!(
+        content,
+        [4, 4, 0, b's', b'n', b'-', b'1', 5, 2, 0, b'e', b'p'],
+        "item, length little-endian, bytes"
+    );
+    assert_eq!(
+        parse(&content).unwrap(),
+        vec![
+            (Item::ThingName, &b"sn-1"[..]),
+            (Item::Endpoint, &b"ep"[..])
+        ]
+    );
+    assert_eq!(parse(&[]).unwrap(), vec![]);
+    assert_eq!(
+        parse(&content[..9]),
+        Err(BundleError::Truncated {
+            offset: 7,
+            needed: 3,
+            left: 2
+        }),
+        "inside the header"
+    );
+    assert_eq!(
+        parse(&content[..11]),
+        Err(BundleError::Truncated {
+            offset: 7,
+            needed: 5,
+            left: 4
+        }),
+        "inside the content"
+    );
+    assert_eq!(
+        parse(&[5, 0, 0, 4, 0, 0]),
+        Err(BundleError::Order {
+            offset: 3,
+            item: 4,
+            previous: 5
+        })
+    );
+    assert!(matches!(
+        parse(&[4, 0, 0, 4, 0, 0]),
+        Err(BundleError::Order { .. })
+    ));
+    assert_eq!(parse(&[8, 0, 0]), Err(BundleError::Nested { offset: 0 }));
+    assert_eq!(
+        encode(&[(Item::Endpoint, b""), (Item::ThingName, b"")]),
+        Err(BundleError::Order {
+            offset: 3,
+            item: 4,
+            previous: 5
+        })
+    );
+    assert!(matches!(
+        encode(&[(Item::Chain, &vec![0; 65536])]),
+        Err(BundleError::TooLong {
+            item: 2,
+            len: 65536
+        })
+    ));
+    assert_eq!(
+        BundleError::Nested { offset: 0 }.code(),
+        ErrorCode::BadPayload
+    );
+    let mut concat = super::chunk::sha256(b"a").to_vec();
+    concat.extend(super::chunk::sha256(b"bc"));
+    assert_eq!(
+        set_digest([&b"a"[..], &b"bc"[..]]),
+        super::chunk::sha256(&concat)
+    );
 }

@@ -1,5 +1,6 @@
 //! The worked examples of `docs/device-protocol.md`, byte for byte.
 
+use super::bundle;
 use super::codec::{decode, encode, Frame};
 use super::message::Message;
 use super::values::{Capabilities, ErrorCode, Item, ItemSet};
@@ -60,6 +61,29 @@ fn golden_frames_of_the_protocol_page() {
             Frame::new(5, Message::Ack),
             "01 82 00 05 00 00 00 2B 91 BD 5F",
             "03 01 82 02 05 01 01 05 2B 91 BD 5F 00",
+        ),
+        (
+            Frame::new(
+                9,
+                Message::ReadDigestSet {
+                    items: ItemSet(0x003E),
+                },
+            ),
+            "01 0D 00 09 00 02 00 3E 00 02 97 B4 A6",
+            "03 01 0D 02 09 02 02 02 3E 05 02 97 B4 A6 00",
+        ),
+        (
+            Frame::new(
+                3,
+                Message::WriteChunk {
+                    item: Item::Bundle,
+                    offset: 0,
+                    data: bundle::encode(&[(Item::ThingName, b"sn-1"), (Item::Endpoint, b"ep")])
+                        .unwrap(),
+                },
+            ),
+            "01 04 00 03 00 11 00 08 00 00 00 00 04 04 00 73 6E 2D 31 05 02 00 65 70 AE 58 AC 8F",
+            "03 01 04 02 03 02 11 02 08 01 01 01 03 04 04 07 73 6E 2D 31 05 02 07 65 70 AE 58 AC 8F 00",
         ),
         (
             Frame::new(

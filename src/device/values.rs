@@ -56,6 +56,10 @@ wire_enum! {
         RootCa = 6,
         /// The CSR the device made after `GenerateKey`, DER; read-only.
         Csr = 7,
+        /// Several other items in one write: a TLV list (see [`super::bundle`]),
+        /// staged item by item when its `WriteEnd` checks out; never stored
+        /// as itself. Devices with [`Capabilities::BUNDLE`] only.
+        Bundle = 8,
     }
 }
 
@@ -144,6 +148,8 @@ impl Capabilities {
     pub const KEY_RSA2048: Capabilities = Capabilities(1 << 6);
     /// The device can generate RSA-3072 keys.
     pub const KEY_RSA3072: Capabilities = Capabilities(1 << 7);
+    /// The device takes [`Item::Bundle`] writes and answers `ReadDigestSet`.
+    pub const BUNDLE: Capabilities = Capabilities(1 << 8);
 
     /// Whether every bit of `other` is set here.
     pub const fn contains(self, other: Capabilities) -> bool {

@@ -177,6 +177,7 @@ pub fn request_name(m: &Message) -> &'static str {
         Message::Commit => "Commit",
         Message::Abort => "Abort",
         Message::Reset => "Reset",
+        Message::ReadDigestSet { .. } => "ReadDigestSet",
         _ => "response",
     }
 }

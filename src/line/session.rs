@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! Hello -> Key -> Issue -> Write(item)... -> Commit -> ReadBack(item)... -> Prove -> Done
-//!   ^        (GenerateKey + CSR, or a station key)                            |
-//!   └──── Nak{BadSequence | NotAllowedInState}: the device was reset ──────────┘ (resume)
+//!   ^        (GenerateKey + CSR,    └─ WriteBundle ─┘        └─ ReadBackSet ─┘        |
+//!   |         or a station key)     (a device with BUNDLE: one write, one digest)    |
+//!   └──── Nak{BadSequence | NotAllowedInState}: the device was reset ──────────────────┘ (resume)
 //! ```
 //!
 //! Every step is in the ledger before the next one starts: the device is
@@ -28,6 +29,7 @@ use super::link::{Link, LinkError, LinkStats, LinkTiming};
 use super::transport::Transport;
 use crate::ca::{DeviceProfile, IssueError, LocalCa};
 use crate::clock::Clock;
+use crate::device::bundle;
 use crate::device::message::NONCE_LEN;
 use crate::device::{
     chunk_capacity, sha256, Capabilities, Chunker, ErrorCode, Item, ItemSet, KeyType as WireKey,
@@ -102,6 +104,7 @@ pub fn item_name(item: Item) -> String {
         Item::Endpoint => "endpoint".into(),
         Item::RootCa => "root CA".into(),
         Item::Csr => "CSR".into(),
+        Item::Bundle => "bundle".into(),
         Item::Unknown(n) => format!("item {n}"),
     }
 }
@@ -437,8 +440,10 @@ enum State {
     Key,
     Issue,
     Write(usize),
+    WriteBundle,
     Commit,
     ReadBack(usize),
+    ReadBackSet,
     Prove,
     Done,
 }
@@ -511,54 +516,51 @@ impl Station<'_> {
         let result = session.run();
         let seconds = started.elapsed().as_secs_f64();
         let serial = session.device.as_ref().map(|d| d.serial.clone());
-        match result {
-            Ok(()) => {
-                let (device, cert) = match (session.device, session.cert) {
-                    (Some(d), Some(c)) => (d, c),
-                    _ => unreachable_passed(),
-                };
-                let stats: LinkStats = session.link.stats();
-                Ok(Passed {
+        let stats: LinkStats = session.link.stats();
+        let (restarts, planned, step) = (session.restarts, session.planned, session.step);
+        let error = match (result, session.device, session.cert) {
+            (Ok(()), Some(device), Some(cert)) => {
+                return Ok(Passed {
                     port: port_name,
                     serial: device.serial,
                     thing_name: device.thing_name,
                     cert_serial: cert.serial_hex,
                     certificate_id: cert.certificate_id,
                     reused: cert.reused,
-                    restarts: session.restarts,
+                    restarts,
                     retries: stats.retries,
                     bytes_out: stats.bytes_out,
                     bytes_in: stats.bytes_in,
                     seconds,
                 })
             }
-            Err(error) => {
-                let error = *error;
-                if let Some(serial) = &serial {
-                    if session.planned {
-                        // The failure is recorded where it can be; a ledger
-                        // that cannot take it has already failed the session.
-                        let _ = self.ledger.fail(serial, &error.to_string());
-                    }
-                    if !matches!(error, SessionError::AlreadyClaimed { .. }) {
-                        self.claims.release(serial, &port_name);
-                    }
-                }
-                Err(Box::new(Failure {
-                    port: port_name,
-                    serial,
-                    step: session.step,
-                    error,
-                    seconds,
-                }))
+            (Ok(()), _, _) => Box::new(SessionError::Unexpected {
+                port: port_name.clone(),
+                serial: serial.clone().unwrap_or_default(),
+                request: "Prove",
+                got: "a session that ended without a certificate".into(),
+            }),
+            (Err(error), _, _) => error,
+        };
+        let error = *error;
+        if let Some(serial) = &serial {
+            if planned {
+                // The failure is recorded where it can be; a ledger that
+                // cannot take it has already failed the session.
+                let _ = self.ledger.fail(serial, &error.to_string());
+            }
+            if !matches!(error, SessionError::AlreadyClaimed { .. }) {
+                self.claims.release(serial, &port_name);
             }
         }
+        Err(Box::new(Failure {
+            port: port_name,
+            serial,
+            step,
+            error,
+            seconds,
+        }))
     }
-}
-
-/// A session that ended well has a device and a certificate.
-fn unreachable_passed() -> ! {
-    panic!("a passed session always holds its device and certificate")
 }
 
 impl<T: Transport + ?Sized> Session<'_, '_, T> {
@@ -570,8 +572,10 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 State::Key => Step::Key,
                 State::Issue => Step::Issue,
                 State::Write(i) => Step::Write(self.items[i].0),
+                State::WriteBundle => Step::Write(Item::Bundle),
                 State::Commit => Step::Commit,
                 State::ReadBack(i) => Step::ReadBack(self.items[i].0),
+                State::ReadBackSet => Step::ReadBack(Item::Bundle),
                 State::Prove => Step::Prove,
                 State::Done => Step::Done,
             };
@@ -585,8 +589,10 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 State::Key => self.key(),
                 State::Issue => self.issue(),
                 State::Write(i) => self.write(i),
+                State::WriteBundle => self.write_bundle(),
                 State::Commit => self.commit(),
                 State::ReadBack(i) => self.read_back(i),
+                State::ReadBackSet => self.read_back_set(),
                 State::Prove => self.prove(),
                 State::Done => return Ok(()),
             };
@@ -620,11 +626,16 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             .map_or_else(|| "(unknown)".to_string(), |d| d.serial.clone())
     }
 
-    fn device(&self) -> &DeviceInfo {
-        match &self.device {
-            Some(d) => d,
-            None => panic!("the hello comes before every other step"),
-        }
+    /// The device the hello found (every state after `Hello` has one).
+    fn device(&self) -> Result<&DeviceInfo, Flow> {
+        self.device.as_ref().ok_or_else(|| {
+            fail(SessionError::Unexpected {
+                port: self.port(),
+                serial: self.serial(),
+                request: "Hello",
+                got: "no HelloReply before this step".into(),
+            })
+        })
     }
 
     /// Moves the device forward to `to` in the ledger, unless it is there
@@ -796,7 +807,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         else {
             return Ok(None);
         };
-        let holds = self.device().holds;
+        let holds = self.device()?.holds;
         let key_there =
             self.station.config.key_mode == KeyMode::Device || holds.contains(Item::PrivateKey);
         if holds.contains(Item::Certificate) && key_there {
@@ -842,7 +853,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         let Some(csr_sha) = self.key.as_ref().and_then(|k| k.csr_sha) else {
             return Ok(());
         };
-        if self.device().holds.contains(Item::Certificate) {
+        if self.device()?.holds.contains(Item::Certificate) {
             return Ok(());
         }
         let same = match self
@@ -871,7 +882,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
 
     fn device_key(&mut self) -> Result<KeyHeld, Flow> {
         let key_type = self.station.config.key_type;
-        let caps = self.device().capabilities;
+        let caps = self.device()?.capabilities;
         let wire = wire_key(key_type);
         let able = caps.contains(Capabilities::CAN_GENERATE_KEY)
             && Capabilities::for_key(wire).is_some_and(|c| caps.contains(c));
@@ -971,7 +982,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
 
     fn station_key(&mut self) -> Result<KeyHeld, Flow> {
         if !self
-            .device()
+            .device()?
             .capabilities
             .contains(Capabilities::ACCEPTS_PRIVATE_KEY)
         {
@@ -989,7 +1000,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             })
         })?;
         if let Some(dir) = &self.station.config.keep_keys {
-            let path = dir.join(format!("{}.key.pem", self.device().thing_name));
+            let path = dir.join(format!("{}.key.pem", self.device()?.thing_name));
             fsx::write_atomic(
                 &path,
                 key.pkcs8_pem().as_bytes(),
@@ -1015,7 +1026,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
     fn issue(&mut self) -> Result<State, Flow> {
         if self.cert.is_none() {
             let serial = self.serial();
-            let thing_name = self.device().thing_name.clone();
+            let thing_name = self.device()?.thing_name.clone();
             let Some(key) = &self.key else {
                 return Ok(State::Key);
             };
@@ -1056,15 +1067,25 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             self.items.clear();
         }
         if self.items.is_empty() {
-            self.items = self.build_items();
+            self.items = self.build_items()?;
         }
-        Ok(State::Write(0))
+        Ok(if self.bundles()? {
+            State::WriteBundle
+        } else {
+            State::Write(0)
+        })
+    }
+
+    /// Whether the device takes bundles (`BUNDLE`): then the items go in
+    /// one `Bundle` write and are read back with one `ReadDigestSet`.
+    fn bundles(&self) -> Result<bool, Flow> {
+        Ok(self.device()?.capabilities.contains(Capabilities::BUNDLE))
     }
 
     /// What goes to the device, in order: the key (station mode, when the
     /// session made it), the certificate, the chain, the thing name, the
     /// endpoint, the root CA.
-    fn build_items(&self) -> Vec<(Item, Vec<u8>)> {
+    fn build_items(&self) -> Result<Vec<(Item, Vec<u8>)>, Flow> {
         let mut items = Vec::with_capacity(6);
         if let Some(private) = self.key.as_ref().and_then(|k| k.private.as_ref()) {
             items.push((Item::PrivateKey, private.pkcs8_der().to_vec()));
@@ -1080,7 +1101,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         }
         items.push((
             Item::ThingName,
-            self.device().thing_name.clone().into_bytes(),
+            self.device()?.thing_name.clone().into_bytes(),
         ));
         let config = self.station.config;
         if !config.endpoint.is_empty() {
@@ -1089,7 +1110,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         if let Some(root) = &config.root_ca {
             items.push((Item::RootCa, root.clone()));
         }
-        items
+        Ok(items)
     }
 
     fn next_write(&self, i: usize) -> State {
@@ -1100,27 +1121,64 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         }
     }
 
+    /// Whether the device already holds `item` (committed) with these bytes.
+    fn holds_already(&mut self, item: Item, data: &[u8]) -> Result<bool, Flow> {
+        if !self.device()?.holds.contains(item) {
+            return Ok(false);
+        }
+        let total_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        Ok(matches!(
+            self.ask(Message::ReadDigest { item }, 64, None)?,
+            Message::Digest { total_len: len, sha256: found, .. }
+                if len == total_len && found == sha256(data)
+        ))
+    }
+
     fn write(&mut self, i: usize) -> Result<State, Flow> {
         let (item, data) = self.items[i].clone();
-        let sha = sha256(&data);
-        let total_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        if self.device().holds.contains(item) {
-            if let Message::Digest {
-                total_len: len,
-                sha256: found,
-                ..
-            } = self.ask(Message::ReadDigest { item }, 64, None)?
-            {
-                if len == total_len && found == sha {
-                    return Ok(self.next_write(i));
-                }
+        if !self.holds_already(item, &data)? {
+            self.write_item(item, &data)?;
+        }
+        Ok(self.next_write(i))
+    }
+
+    /// Writes every item the device does not already hold, as one Bundle
+    /// in ascending item order.
+    fn write_bundle(&mut self) -> Result<State, Flow> {
+        let mut pending = Vec::with_capacity(self.items.len());
+        for (item, data) in self.items.clone() {
+            if !self.holds_already(item, &data)? {
+                pending.push((item, data));
             }
         }
+        if pending.is_empty() {
+            return Ok(State::Commit);
+        }
+        pending.sort_by_key(|(item, _)| u8::from(*item));
+        let entries: Vec<(Item, &[u8])> = pending
+            .iter()
+            .map(|(item, data)| (*item, data.as_slice()))
+            .collect();
+        let content = bundle::encode(&entries).map_err(|e| {
+            fail(SessionError::Capability {
+                port: self.port(),
+                serial: self.serial(),
+                reason: e.to_string(),
+            })
+        })?;
+        self.write_item(Item::Bundle, &content)?;
+        Ok(State::Commit)
+    }
+
+    /// Writes one item from `WriteBegin` (resuming where the device stands)
+    /// to `WriteEnd`.
+    fn write_item(&mut self, item: Item, data: &[u8]) -> Result<(), Flow> {
+        let total_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         let peer = self.link.peer_max_frame();
         let mut attempts = 0;
         'begin: loop {
             attempts += 1;
-            let chunker = Chunker::new(item, &data, peer).map_err(|e| {
+            let chunker = Chunker::new(item, data, peer).map_err(|e| {
                 fail(SessionError::Capability {
                     port: self.port(),
                     serial: self.serial(),
@@ -1138,7 +1196,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             while offset < total_len {
                 // A chunker per chunk: its size follows the line's noise.
                 let limit = self.write_limit.min(peer);
-                let mut chunker = Chunker::new(item, &data, limit).map_err(|e| {
+                let mut chunker = Chunker::new(item, data, limit).map_err(|e| {
                     fail(SessionError::Capability {
                         port: self.port(),
                         serial: self.serial(),
@@ -1171,20 +1229,85 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 }
             }
             match self.ask(chunker.end(), 64, None)? {
-                Message::Ack => return Ok(self.next_write(i)),
+                Message::Ack => return Ok(()),
                 other => return Err(self.unexpected("WriteEnd", &other)),
             }
         }
     }
 
     fn commit(&mut self) -> Result<State, Flow> {
+        let next = if self.bundles()? {
+            State::ReadBackSet
+        } else {
+            State::ReadBack(0)
+        };
         match self.ask(Message::Commit, 64, Some(COMMIT_TIMEOUT))? {
-            Message::Ack => Ok(State::ReadBack(0)),
+            Message::Ack => Ok(next),
             other => Err(self.unexpected("Commit", &other)),
         }
     }
 
     fn read_back(&mut self, i: usize) -> Result<State, Flow> {
+        self.check_digest(i)?;
+        if i + 1 < self.items.len() {
+            return Ok(State::ReadBack(i + 1));
+        }
+        self.delivered()?;
+        Ok(State::Prove)
+    }
+
+    /// One `ReadDigestSet` over every item provisioned, compared with the
+    /// digest of what was written. On a mismatch the items are read back
+    /// one by one to name the bad one; the device fails either way.
+    fn read_back_set(&mut self) -> Result<State, Flow> {
+        let mut set = ItemSet::default();
+        let mut sorted: Vec<&(Item, Vec<u8>)> = self.items.iter().collect();
+        sorted.sort_by_key(|(item, _)| u8::from(*item));
+        for (item, _) in &sorted {
+            set.insert(*item);
+        }
+        let expected = bundle::set_digest(sorted.iter().map(|(_, data)| data.as_slice()));
+        let expected_len = sorted.iter().map(|(_, data)| data.len()).sum::<usize>();
+        let expected_len = u32::try_from(expected_len).unwrap_or(u32::MAX);
+        match self.ask(Message::ReadDigestSet { items: set }, 64, None)? {
+            Message::Digest {
+                item: Item::Bundle,
+                total_len,
+                sha256: found,
+            } => {
+                if total_len != expected_len || found != expected {
+                    for i in 0..self.items.len() {
+                        self.check_digest(i)?;
+                    }
+                    return Err(fail(SessionError::DigestMismatch {
+                        port: self.port(),
+                        serial: self.serial(),
+                        item: "set of items".into(),
+                        expected_len,
+                        expected: hex(&expected),
+                        found_len: total_len,
+                        found: hex(&found),
+                    }));
+                }
+            }
+            other => return Err(self.unexpected("ReadDigestSet", &other)),
+        }
+        self.delivered()?;
+        Ok(State::Prove)
+    }
+
+    /// The written items are in the device and read back: `delivered`.
+    fn delivered(&mut self) -> Result<(), Flow> {
+        let detail = self
+            .cert
+            .as_ref()
+            .map(|c| c.serial_hex.clone())
+            .unwrap_or_default();
+        self.advance(DeviceState::Delivered, &detail)
+    }
+
+    /// Compares the stored digest of the `i`-th item with what was written.
+    fn check_digest(&mut self, i: usize) -> Result<(), Flow> {
         let (item, data) = &self.items[i];
         let item = *item;
         let expected = sha256(data);
@@ -1209,16 +1332,7 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
             }
             other => return Err(self.unexpected("ReadDigest", &other)),
         }
-        if i + 1 < self.items.len() {
-            return Ok(State::ReadBack(i + 1));
-        }
-        let detail = self
-            .cert
-            .as_ref()
-            .map(|c| c.serial_hex.clone())
-            .unwrap_or_default();
-        self.advance(DeviceState::Delivered, &detail)?;
-        Ok(State::Prove)
+        Ok(())
     }
 
     fn prove(&mut self) -> Result<State, Flow> {

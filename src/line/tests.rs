@@ -29,8 +29,10 @@ use crate::ledger::{CaId, CertState, DeviceState, JobId, Ledger, LedgerOptions};
 struct Faults {
     /// Drop every n-th answer.
     drop_every: Option<u32>,
-    /// Answer ReadDigest with a wrong SHA-256.
+    /// Answer ReadDigest and ReadDigestSet with a wrong SHA-256.
     lie: bool,
+    /// Answer ReadDigestSet (only) with a wrong SHA-256.
+    lie_set: bool,
     /// Reset (once) on this WriteChunk (1 = the first) of this item.
     reset_at: Option<(Item, u32)>,
     /// A reset also loses the key generated and not committed.
@@ -57,6 +59,13 @@ struct Double {
     answers: u32,
     chunks: u32,
     resets: u32,
+    /// Announces BUNDLE: takes Bundle writes and answers ReadDigestSet.
+    bundle: bool,
+    /// Items of the fresh `WriteBegin`s, in order.
+    begins: Vec<Item>,
+    /// Fresh `ReadDigest`s and `ReadDigestSet`s.
+    digests: u32,
+    set_digests: u32,
 }
 
 impl Double {
@@ -77,6 +86,10 @@ impl Double {
             answers: 0,
             chunks: 0,
             resets: 0,
+            bundle: false,
+            begins: Vec::new(),
+            digests: 0,
+            set_digests: 0,
         }
     }
 
@@ -125,6 +138,9 @@ impl Double {
 
     fn carry_out(&mut self, message: &Message) -> Option<Message> {
         let nak = |code| Some(Message::Nak { code });
+        if let Message::ReadDigest { .. } = message {
+            self.digests += 1;
+        }
         Some(match message {
             Message::Hello { .. } => {
                 let mut caps = Capabilities::KEY_P256;
@@ -133,6 +149,9 @@ impl Double {
                 } else {
                     Capabilities::ACCEPTS_PRIVATE_KEY
                 });
+                if self.bundle {
+                    caps = caps.union(Capabilities::BUNDLE);
+                }
                 Message::HelloReply {
                     protocol_version: 1,
                     max_frame: self.max_frame,
@@ -186,6 +205,7 @@ impl Double {
                 total_len,
                 sha256: sha,
             } => {
+                self.begins.push(*item);
                 if let Some(w) = &self.writing {
                     if w.same_transfer(*item, *total_len, sha) {
                         return Some(Message::WriteReady {
@@ -229,6 +249,17 @@ impl Double {
                 }
             }
             Message::WriteEnd { item } => match self.writing.take().map(Reassembler::finish) {
+                Some(Ok(data)) if *item == Item::Bundle && self.bundle => {
+                    match crate::device::bundle::parse(&data) {
+                        Ok(entries) => {
+                            for (item, content) in entries {
+                                self.staged.insert(item, content.to_vec());
+                            }
+                            Message::Ack
+                        }
+                        Err(e) => return nak(e.code()),
+                    }
+                }
                 Some(Ok(data)) => {
                     self.staged.insert(*item, data);
                     Message::Ack
@@ -240,6 +271,26 @@ impl Double {
                 let staged: Vec<_> = self.staged.drain().collect();
                 self.committed.extend(staged);
                 Message::Ack
+            }
+            Message::ReadDigestSet { items } if self.bundle => {
+                self.set_digests += 1;
+                let mut parts = Vec::new();
+                for item in items.iter() {
+                    match self.committed.get(&item) {
+                        Some(data) => parts.push(data.as_slice()),
+                        None => return nak(ErrorCode::NoTransfer),
+                    }
+                }
+                let total: usize = parts.iter().map(|d| d.len()).sum();
+                let mut sha = crate::device::bundle::set_digest(parts);
+                if self.faults.lie || self.faults.lie_set {
+                    sha[0] ^= 0xFF;
+                }
+                Message::Digest {
+                    item: Item::Bundle,
+                    total_len: total as u32,
+                    sha256: sha,
+                }
             }
             Message::ReadDigest { item } => match self.stored(*item) {
                 Some(data) => {
@@ -615,4 +666,102 @@ fn a_device_key_lost_in_a_reset_supersedes_its_certificate() {
         key_of_certificate(cert).expect("cert key").raw(),
         own.public_key().as_ref()
     );
+}
+
+#[test]
+fn with_bundle_the_items_go_in_one_write_and_come_back_in_one_digest() {
+    let rig = Rig::new();
+    let config = Rig::config(KeyMode::Station);
+    let mut dev = Double::new("SN-B1", false, Faults::default());
+    dev.bundle = true;
+    rig.run(&config, &mut dev).expect("passes");
+    assert_eq!(dev.begins, [Item::Bundle]);
+    assert_eq!((dev.digests, dev.set_digests), (0, 1));
+    let mut held: Vec<Item> = dev.committed.keys().copied().collect();
+    held.sort_by_key(|i| u8::from(*i));
+    assert_eq!(
+        held,
+        [
+            Item::Certificate,
+            Item::Chain,
+            Item::PrivateKey,
+            Item::ThingName,
+            Item::Endpoint
+        ]
+    );
+    let status = rig.ledger.device("SN-B1").unwrap().expect("in ledger");
+    assert_eq!(status.state, DeviceState::Verified);
+
+    // A device that already holds items: each is checked with ReadDigest
+    // first (only the thing name and the endpoint still match under another
+    // CA), and the rest go in one Bundle.
+    let mut again = Double::new("SN-B1", false, Faults::default());
+    again.bundle = true;
+    again.committed = dev.committed.clone();
+    let passed = Rig::new().run(&config, &mut again).expect("passes");
+    assert!(!passed.reused, "another ledger: a new certificate");
+    assert_eq!(again.begins, [Item::Bundle]);
+    assert_eq!((again.digests, again.set_digests), (5, 1));
+}
+
+#[test]
+fn a_wrong_set_digest_fails_the_device_and_names_the_item_if_one_differs() {
+    let rig = Rig::new();
+    let config = Rig::config(KeyMode::Station);
+    // Only the set digest is wrong: every item reads back right, the
+    // device fails all the same.
+    let mut dev = Double::new(
+        "SN-B2",
+        false,
+        Faults {
+            lie_set: true,
+            ..Faults::default()
+        },
+    );
+    dev.bundle = true;
+    let failure = rig.run(&config, &mut dev).expect_err("must fail");
+    match &failure.error {
+        SessionError::DigestMismatch { item, .. } => assert_eq!(item, "set of items"),
+        other => panic!("{other}"),
+    }
+    assert_eq!(
+        dev.digests, 5,
+        "each item was read back to find the bad one"
+    );
+    // Every digest wrong: the first item read back is named.
+    let mut dev = Double::new(
+        "SN-B3",
+        false,
+        Faults {
+            lie: true,
+            ..Faults::default()
+        },
+    );
+    dev.bundle = true;
+    let failure = rig.run(&config, &mut dev).expect_err("must fail");
+    match &failure.error {
+        SessionError::DigestMismatch { item, .. } => assert_eq!(item, "private key"),
+        other => panic!("{other}"),
+    }
+    for serial in ["SN-B2", "SN-B3"] {
+        let status = rig.ledger.device(serial).unwrap().expect("in ledger");
+        assert_eq!(status.state, DeviceState::Failed);
+    }
+}
+
+#[test]
+fn a_reset_in_the_bundle_write_restarts_with_one_certificate() {
+    let rig = Rig::new();
+    let config = Rig::config(KeyMode::Station);
+    let faults = Faults {
+        reset_at: Some((Item::Bundle, 3)),
+        ..Faults::default()
+    };
+    let mut dev = Double::new("SN-B4", false, faults);
+    dev.bundle = true;
+    let passed = rig.run(&config, &mut dev).expect("passes");
+    assert_eq!(dev.resets, 1);
+    assert!(passed.restarts >= 1);
+    assert_eq!(dev.begins, [Item::Bundle, Item::Bundle]);
+    assert_eq!(rig.live_certs("SN-B4"), 1);
 }

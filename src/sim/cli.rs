@@ -28,6 +28,9 @@ pub struct Args {
     /// Staged items and partial writes survive a device reset.
     #[arg(long)]
     pub resumable: bool,
+    /// Devices do not announce BUNDLE (the station writes item by item).
+    #[arg(long)]
+    pub no_bundle: bool,
     /// Milliseconds a device takes to generate its key (it answers Busy meanwhile).
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub keygen_ms: u64,
@@ -41,7 +44,8 @@ pub struct Args {
     #[arg(long, value_name = "BYTES")]
     pub reset_after: Option<u64>,
     /// Each device resets once in the middle of writing this item
-    /// (certificate, chain, private-key, thing-name, endpoint, root-ca).
+    /// (certificate, chain, private-key, thing-name, endpoint, root-ca;
+    /// inside a bundle, in the middle of its bytes there), or of a bundle.
     #[arg(long, value_name = "ITEM", value_parser = parse_item)]
     pub reset_during: Option<Item>,
     /// Each device stops answering for good after receiving this many bytes.
@@ -73,8 +77,9 @@ pub fn parse_item(s: &str) -> Result<Item, String> {
         "thing-name" => Ok(Item::ThingName),
         "endpoint" => Ok(Item::Endpoint),
         "root-ca" => Ok(Item::RootCa),
+        "bundle" => Ok(Item::Bundle),
         other => Err(format!(
-            "{other:?}: expected certificate, chain, private-key, thing-name, endpoint or root-ca"
+            "{other:?}: expected certificate, chain, private-key, thing-name, endpoint, root-ca or bundle"
         )),
     }
 }
@@ -87,6 +92,7 @@ impl Args {
             baud: self.baud,
             max_frame: self.max_frame,
             resumable: self.resumable,
+            bundle: !self.no_bundle,
             keygen_time: std::time::Duration::from_millis(self.keygen_ms),
             faults: Faults {
                 corrupt_rate: self.corrupt_rate,

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 
+use crate::device::bundle;
 use crate::device::{
     chunk_capacity, read_slice, sha256, Capabilities, DecodeError, DuplicateFilter, ErrorCode,
     Frame, Item, ItemSet, KeyType, Message, Reassembler, Verdict, MIN_MAX_FRAME, PROTOCOL_VERSION,
@@ -27,6 +28,8 @@ use super::SimKeyMode;
 
 /// The most bytes the device stores for one item.
 pub const ITEM_LIMIT: u32 = 8 * 1024;
+/// The most bytes of one `Bundle` write.
+pub const BUNDLE_LIMIT: u32 = 32 * 1024;
 
 /// What the device is and how it behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +46,8 @@ pub struct Profile {
     pub resumable: bool,
     /// `ReadDigest` answers a wrong SHA-256 (a device with a broken storage path).
     pub lie_digest: bool,
+    /// Takes `Bundle` writes and answers `ReadDigestSet` (capability `BUNDLE`).
+    pub bundle: bool,
 }
 
 impl Profile {
@@ -55,11 +60,14 @@ impl Profile {
                 .union(Capabilities::KEY_P384),
             SimKeyMode::Station => Capabilities::ACCEPTS_PRIVATE_KEY,
         };
+        let mut caps = mode;
         if self.resumable {
-            mode.union(Capabilities::RESUMABLE)
-        } else {
-            mode
+            caps = caps.union(Capabilities::RESUMABLE);
         }
+        if self.bundle {
+            caps = caps.union(Capabilities::BUNDLE);
+        }
+        caps
     }
 }
 
@@ -171,6 +179,12 @@ impl Device {
         let item = self.active?;
         let p = self.partials.get(&item)?;
         Some((item, p.data.received(), p.total_len))
+    }
+
+    /// The bytes the open write transfer has received so far.
+    pub fn writing_bytes(&self) -> Option<&[u8]> {
+        let item = self.active?;
+        Some(self.partials.get(&item)?.data.received_bytes())
     }
 
     /// The public key (SubjectPublicKeyInfo, DER) of the key the device
@@ -314,6 +328,7 @@ impl Device {
                 max_len,
             } if !writing => self.read_chunk(*item, *offset, *max_len),
             Message::ReadDigest { item } => self.end_read_then(|d| d.read_digest(*item)),
+            Message::ReadDigestSet { items } => self.end_read_then(|d| d.read_digest_set(*items)),
             Message::Prove { nonce } => self.end_read_then(|d| d.prove(nonce)),
             Message::Commit if !writing => self.commit(),
             Message::Abort => self.abort(),
@@ -368,19 +383,19 @@ impl Device {
 
     fn write_begin(&mut self, item: Item, total_len: u32, digest: &[u8; 32]) -> Message {
         match item {
-            Item::Unknown(_) => return nak(ErrorCode::UnknownItem),
-            Item::Csr => return nak(ErrorCode::AccessDenied),
-            Item::PrivateKey
-                if !self
-                    .profile
-                    .capabilities()
-                    .contains(Capabilities::ACCEPTS_PRIVATE_KEY) =>
-            {
-                return nak(ErrorCode::AccessDenied)
+            Item::Bundle if !self.profile.bundle => return nak(ErrorCode::UnknownItem),
+            _ => {
+                if let Some(code) = self.refuses_item(item) {
+                    return nak(code);
+                }
             }
-            _ => {}
         }
-        if total_len > ITEM_LIMIT {
+        let limit = if item == Item::Bundle {
+            BUNDLE_LIMIT
+        } else {
+            ITEM_LIMIT
+        };
+        if total_len > limit {
             return nak(ErrorCode::ItemTooLarge);
         }
         // Another transfer is replaced; only a RESUMABLE device keeps its data.
@@ -395,7 +410,7 @@ impl Device {
             .is_some_and(|p| p.data.same_transfer(item, total_len, digest));
         if !same {
             self.partials.remove(&item);
-            let limit = usize::try_from(ITEM_LIMIT).unwrap_or(usize::MAX);
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             let mut r = match Reassembler::new(item, total_len, *digest, limit) {
                 Ok(r) => r,
                 Err(e) => return nak(e.code()),
@@ -445,6 +460,9 @@ impl Device {
             Ok(data) => data,
             Err(e) => return nak(e.code()),
         };
+        if item == Item::Bundle {
+            return self.stage_bundle(&data);
+        }
         // The device checks a certificate against its key when it has one.
         if item == Item::Certificate
             && self.with_key(|key| key.matches_certificate(&data)) == Some(false)
@@ -452,6 +470,58 @@ impl Device {
             return nak(ErrorCode::KeyMismatch);
         }
         self.staged.insert(item, data);
+        Message::Ack
+    }
+
+    /// Why the device refuses to store `item` (written alone or in a
+    /// bundle), if it does.
+    fn refuses_item(&self, item: Item) -> Option<ErrorCode> {
+        match item {
+            Item::Unknown(_) => Some(ErrorCode::UnknownItem),
+            Item::Csr => Some(ErrorCode::AccessDenied),
+            Item::PrivateKey
+                if !self
+                    .profile
+                    .capabilities()
+                    .contains(Capabilities::ACCEPTS_PRIVATE_KEY) =>
+            {
+                Some(ErrorCode::AccessDenied)
+            }
+            _ => None,
+        }
+    }
+
+    /// A complete `Bundle`: stages every item in it as if each had been
+    /// written alone, or none of them (malformed TLV: `BadPayload`; an
+    /// item the device does not store: `UnknownItem`; a certificate that
+    /// does not match the key: `KeyMismatch`).
+    fn stage_bundle(&mut self, data: &[u8]) -> Message {
+        let entries = match bundle::parse(data) {
+            Ok(entries) => entries,
+            Err(e) => return nak(e.code()),
+        };
+        for (item, content) in &entries {
+            if let Some(code) = self.refuses_item(*item) {
+                return nak(code);
+            }
+            if u32::try_from(content.len()).map_or(true, |len| len > ITEM_LIMIT) {
+                return nak(ErrorCode::ItemTooLarge);
+            }
+        }
+        let before = self.staged.clone();
+        for (item, content) in &entries {
+            self.partials.remove(item);
+            self.staged.insert(*item, content.to_vec());
+        }
+        // Checked once every item is staged: the bundle's private key
+        // (item 3) comes after its certificate (item 1).
+        let has_cert = entries.iter().any(|(i, _)| *i == Item::Certificate);
+        if let Some(cert) = self.staged.get(&Item::Certificate).filter(|_| has_cert) {
+            if self.with_key(|key| key.matches_certificate(cert)) == Some(false) {
+                self.staged = before;
+                return nak(ErrorCode::KeyMismatch);
+            }
+        }
         Message::Ack
     }
 
@@ -531,6 +601,34 @@ impl Device {
         Message::Digest {
             item,
             total_len: u32::try_from(data.len()).unwrap_or(u32::MAX),
+            sha256: digest,
+        }
+    }
+
+    /// One digest over committed items (protocol 3.3, ReadDigestSet).
+    fn read_digest_set(&mut self, items: ItemSet) -> Message {
+        if !self.profile.bundle {
+            return nak(ErrorCode::UnknownMessage);
+        }
+        let mut parts = Vec::new();
+        for item in items.iter() {
+            if let Item::Unknown(_) = item {
+                return nak(ErrorCode::UnknownItem);
+            }
+            match self.committed.get(&item) {
+                Some(data) => parts.push(data.as_slice()),
+                None => return nak(ErrorCode::NoTransfer),
+            }
+        }
+        let total: usize = parts.iter().map(|d| d.len()).sum();
+        let mut digest = bundle::set_digest(parts);
+        if self.profile.lie_digest {
+            digest[0] ^= 0x01;
+            self.lied_digests += 1;
+        }
+        Message::Digest {
+            item: Item::Bundle,
+            total_len: u32::try_from(total).unwrap_or(u32::MAX),
             sha256: digest,
         }
     }

@@ -321,7 +321,8 @@ impl Link {
     }
 
     /// Whether this chunk brought the item named in the faults past half its
-    /// length (or to its end) for the first time.
+    /// length (or to its end) for the first time; written inside a Bundle,
+    /// past half of its bytes there.
     fn reset_during(&self, frame: &Frame) -> bool {
         let (Some(target), false) = (self.faults.reset_during, self.reset_fired) else {
             return false;
@@ -329,9 +330,19 @@ impl Link {
         let Message::WriteChunk { item, .. } = frame.message else {
             return false;
         };
-        item == target
-            && matches!(self.device.writing(), Some((i, got, total))
-                if i == target && got > 0 && u64::from(got) * 2 >= u64::from(total))
+        let past_half =
+            |got: usize, start: usize, end: usize| got > start && (got - start) * 2 >= end - start;
+        if item == target {
+            return matches!(self.device.writing(), Some((i, got, total))
+                if i == target && past_half(got as usize, 0, total as usize));
+        }
+        if item != Item::Bundle {
+            return false;
+        }
+        let Some(got) = self.device.writing_bytes() else {
+            return false;
+        };
+        bundle_entry_span(got, target).is_some_and(|(start, end)| past_half(got.len(), start, end))
     }
 
     fn power_cycle(&mut self) {
@@ -432,4 +443,19 @@ impl Link {
         stored.bad_frames = self.bad_frames;
         stored.faults = self.counts;
     }
+}
+
+/// Where the content of `target` lies in a bundle of which `got` are the
+/// first bytes, once its entry's header has arrived.
+fn bundle_entry_span(got: &[u8], target: Item) -> Option<(usize, usize)> {
+    let mut offset = 0;
+    while let Some(&[id, lo, hi]) = got.get(offset..offset + 3) {
+        let start = offset + 3;
+        let end = start + usize::from(u16::from_le_bytes([lo, hi]));
+        if Item::from(id) == target {
+            return Some((start, end));
+        }
+        offset = end;
+    }
+    None
 }

@@ -77,6 +77,9 @@ pub struct SimConfig {
     pub max_frame: u16,
     /// Staged items and partial transfers survive a reset.
     pub resumable: bool,
+    /// Announces `BUNDLE`: takes several items in one `Bundle` write and
+    /// answers `ReadDigestSet` (on by default).
+    pub bundle: bool,
     /// How long generating a key takes (state GENERATING: every request
     /// meanwhile is answered `Nak{Busy}`); zero by default.
     pub keygen_time: Duration,
@@ -88,7 +91,7 @@ pub struct SimConfig {
 
 impl SimConfig {
     /// A device with this serial and key mode, at 115200 baud, 256-byte
-    /// frames, not resumable, without faults.
+    /// frames, not resumable, taking bundles, without faults.
     pub fn new(serial: impl Into<String>, key_mode: SimKeyMode) -> SimConfig {
         SimConfig {
             serial: serial.into(),
@@ -97,6 +100,7 @@ impl SimConfig {
             baud: DEFAULT_BAUD,
             max_frame: DEFAULT_MAX_FRAME,
             resumable: false,
+            bundle: true,
             keygen_time: Duration::ZERO,
             faults: Faults::default(),
             store_dir: None,
@@ -144,6 +148,7 @@ impl SimConfig {
             max_frame: self.max_frame,
             resumable: self.resumable,
             lie_digest: self.faults.lie_digest,
+            bundle: self.bundle,
         }
     }
 }
@@ -191,6 +196,7 @@ pub fn item_file_name(item: Item) -> String {
         Item::Endpoint => "endpoint.txt".into(),
         Item::RootCa => "root-ca.der".into(),
         Item::Csr => "csr.der".into(),
+        Item::Bundle => "bundle.bin".into(),
         Item::Unknown(id) => format!("item-{id}.bin"),
     }
 }

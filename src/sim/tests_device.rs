@@ -10,7 +10,7 @@ use super::key::PROOF_PREFIX;
 use super::tests_pty::{credentials, test_ca};
 use super::SimKeyMode;
 use crate::device::{
-    sha256, Capabilities, Chunker, DecodeError, ErrorCode, Frame, Item, KeyType, Message,
+    sha256, Capabilities, Chunker, DecodeError, ErrorCode, Frame, Item, ItemSet, KeyType, Message,
 };
 use crate::keygen;
 
@@ -22,6 +22,7 @@ fn profile(key_mode: SimKeyMode) -> Profile {
         max_frame: 64,
         resumable: false,
         lie_digest: false,
+        bundle: true,
     }
 }
 
@@ -787,4 +788,196 @@ fn generating_answers_busy_to_everything_until_the_key_is_made() {
         nak(ErrorCode::UnsupportedKeyType)
     );
     assert!(!b.device.generating());
+}
+
+/// A bundle's content, as the station builds it.
+fn bundle_of(items: &[(Item, &[u8])]) -> Vec<u8> {
+    crate::device::bundle::encode(items).unwrap()
+}
+
+#[test]
+fn a_bundle_stages_each_item_as_if_written_alone() {
+    let rng = SystemRandom::new();
+    let key = keygen::generate(keygen::KeyType::P256, &rng).unwrap();
+    let creds = credentials(test_ca(), "SN-UNIT", key.public_key(), None);
+    let cert = creds.items[0].1.clone();
+    let mut b = Bench::new(profile(SimKeyMode::Station));
+    assert!(b
+        .device
+        .profile()
+        .capabilities()
+        .contains(Capabilities::BUNDLE));
+    b.hello();
+    // The certificate (item 1) comes before the key (item 3) it must match.
+    let content = bundle_of(&[
+        (Item::Certificate, &cert),
+        (Item::PrivateKey, key.pkcs8_der()),
+        (Item::ThingName, b"sensor_SN-UNIT"),
+    ]);
+    assert_eq!(b.write(Item::Bundle, &content), Message::Ack);
+    let staged = b.device.staged();
+    assert_eq!(staged.len(), 3, "the items, not the bundle");
+    assert_eq!(staged[&Item::Certificate], cert);
+    assert_eq!(staged[&Item::PrivateKey], key.pkcs8_der());
+    assert_eq!(staged[&Item::ThingName], b"sensor_SN-UNIT");
+    // Each is read back alone as if written alone, before the commit too.
+    assert_eq!(
+        b.send(Message::ReadDigest {
+            item: Item::ThingName
+        }),
+        Message::Digest {
+            item: Item::ThingName,
+            total_len: 14,
+            sha256: sha256(b"sensor_SN-UNIT"),
+        }
+    );
+    assert_eq!(
+        b.send(Message::ReadDigest { item: Item::Bundle }),
+        nak(ErrorCode::NoTransfer),
+        "a bundle is never stored as itself"
+    );
+    assert!(matches!(
+        b.send(Message::Prove { nonce: [3; 32] }),
+        Message::Proof { .. }
+    ));
+    assert_eq!(b.send(Message::Commit), Message::Ack);
+    assert_eq!(b.device.committed().len(), 3);
+}
+
+#[test]
+fn a_bad_bundle_stages_nothing_and_says_why() {
+    let rng = SystemRandom::new();
+    let key = keygen::generate(keygen::KeyType::P256, &rng).unwrap();
+    let other = keygen::generate(keygen::KeyType::P256, &rng).unwrap();
+    let foreign = credentials(test_ca(), "SN-UNIT", other.public_key(), None).items[0]
+        .1
+        .clone();
+    let mut b = Bench::new(profile(SimKeyMode::Station));
+    b.hello();
+    let cases: Vec<(Vec<u8>, ErrorCode)> = vec![
+        // Cut inside the content, out of order, repeated, nested: BadPayload.
+        (vec![4, 5, 0, b'a', b'b'], ErrorCode::BadPayload),
+        (vec![5, 1, 0, b'e', 4, 1, 0, b't'], ErrorCode::BadPayload),
+        (vec![4, 1, 0, b'a', 4, 1, 0, b'b'], ErrorCode::BadPayload),
+        (vec![4, 1, 0, b'a', 8, 0, 0], ErrorCode::BadPayload),
+        (vec![4, 1], ErrorCode::BadPayload),
+        // An item the device does not store, or may not be written.
+        (vec![4, 1, 0, b'a', 9, 1, 0, b'x'], ErrorCode::UnknownItem),
+        (vec![7, 1, 0, b'c'], ErrorCode::AccessDenied),
+        // A certificate for another key than the bundle's.
+        (
+            bundle_of(&[
+                (Item::Certificate, &foreign),
+                (Item::PrivateKey, key.pkcs8_der()),
+            ]),
+            ErrorCode::KeyMismatch,
+        ),
+    ];
+    for (content, code) in cases {
+        assert_eq!(b.write(Item::Bundle, &content), nak(code), "{content:02x?}");
+        assert!(b.device.staged().is_empty(), "{content:02x?}");
+        assert_eq!(*b.device.state(), State::Ready);
+    }
+    // An empty bundle is well-formed and stages nothing.
+    assert_eq!(b.write(Item::Bundle, &[]), Message::Ack);
+    assert!(b.device.staged().is_empty());
+}
+
+#[test]
+fn a_device_without_bundle_refuses_it_as_a_version_1_device_would() {
+    let mut b = Bench::new(Profile {
+        bundle: false,
+        ..profile(SimKeyMode::Station)
+    });
+    let Message::HelloReply { capabilities, .. } = b.hello() else {
+        panic!("no HelloReply")
+    };
+    assert!(!capabilities.contains(Capabilities::BUNDLE));
+    assert_eq!(
+        b.write(Item::Bundle, &bundle_of(&[(Item::ThingName, b"t")])),
+        nak(ErrorCode::UnknownItem)
+    );
+    assert_eq!(
+        b.send(Message::ReadDigestSet {
+            items: ItemSet::default()
+        }),
+        nak(ErrorCode::UnknownMessage)
+    );
+}
+
+#[test]
+fn read_digest_set_digests_the_committed_items_in_item_order() {
+    let mut b = Bench::new(profile(SimKeyMode::Station));
+    b.hello();
+    let content = bundle_of(&[
+        (Item::ThingName, b"sensor_1"),
+        (Item::Endpoint, b"a1-ats.iot.eu-west-1.amazonaws.com"),
+        (Item::RootCa, &[0x30; 100]),
+    ]);
+    assert_eq!(b.write(Item::Bundle, &content), Message::Ack);
+    let mut set = ItemSet::default();
+    set.insert(Item::RootCa);
+    set.insert(Item::ThingName);
+    assert_eq!(
+        b.send(Message::ReadDigestSet { items: set }),
+        nak(ErrorCode::NoTransfer),
+        "staged is not committed"
+    );
+    assert_eq!(b.send(Message::Commit), Message::Ack);
+    // SHA-256 over SHA-256(thing name) | SHA-256(root CA), by hand.
+    let mut concat = sha256(b"sensor_1").to_vec();
+    concat.extend(sha256(&[0x30; 100]));
+    assert_eq!(
+        b.send(Message::ReadDigestSet { items: set }),
+        Message::Digest {
+            item: Item::Bundle,
+            total_len: 108,
+            sha256: sha256(&concat),
+        }
+    );
+    set.insert(Item::Certificate);
+    assert_eq!(
+        b.send(Message::ReadDigestSet { items: set }),
+        nak(ErrorCode::NoTransfer),
+        "an item the device does not hold"
+    );
+    assert_eq!(
+        b.send(Message::ReadDigestSet {
+            items: ItemSet(1 << 12)
+        }),
+        nak(ErrorCode::UnknownItem)
+    );
+}
+
+#[test]
+fn a_bundle_write_resumes_after_a_reset_on_a_resumable_device() {
+    let data: Vec<u8> = (0..200u8).collect();
+    let content = bundle_of(&[(Item::Chain, &data), (Item::ThingName, b"sensor_2")]);
+    let mut b = Bench::new(Profile {
+        resumable: true,
+        ..profile(SimKeyMode::Station)
+    });
+    b.hello();
+    let mut chunker = Chunker::new(Item::Bundle, &content, 64).unwrap();
+    assert!(matches!(
+        b.send(chunker.begin()),
+        Message::WriteReady { offset: 0, .. }
+    ));
+    for chunk in chunker.by_ref().take(2) {
+        assert_eq!(b.send(chunk), Message::Ack);
+    }
+    let (_, held, _) = b.device.writing().unwrap();
+    b.device.reset();
+    b.hello();
+    let Message::WriteReady { offset, .. } = b.send(chunker.begin()) else {
+        panic!("no WriteReady")
+    };
+    assert_eq!(offset, held, "resumes where the bytes stopped");
+    assert!(offset > 0);
+    chunker.resume_at(offset).unwrap();
+    for chunk in chunker.by_ref() {
+        assert_eq!(b.send(chunk), Message::Ack);
+    }
+    assert_eq!(b.send(chunker.end()), Message::Ack);
+    assert_eq!(b.device.staged()[&Item::Chain], data);
 }

@@ -253,6 +253,91 @@ fn a_reset_in_the_key_write_passes_on_the_retry_with_one_live_certificate() {
     assert_eq!(ledger_state(&report, "SN-RESET-1"), "verified");
 }
 
+/// A station-key device with BUNDLE turned on or off.
+fn sim_bundle(serial: &str, bundle: bool, resumable: bool, faults: Faults) -> SimDevice {
+    let mut config = SimConfig::new(serial, SimKeyMode::Station);
+    config.baud = 0;
+    config.bundle = bundle;
+    config.resumable = resumable;
+    config.faults = faults;
+    SimDevice::spawn(config).expect("spawn a simulated device")
+}
+
+#[test]
+fn a_device_without_bundle_gets_the_same_items_item_by_item() {
+    let tmp = tempdir();
+    let ca = make_ca(tmp.path());
+    let bundled = sim_bundle("SN-BUNDLE-ON", true, false, Faults::default());
+    let per_item = sim_bundle("SN-BUNDLE-OFF", false, false, Faults::default());
+    let (run, report) = flash_cmd(tmp.path(), &[&bundled, &per_item], "station", &[]);
+    run.expect_code(0);
+    let items = [
+        Item::Certificate,
+        Item::Chain,
+        Item::PrivateKey,
+        Item::ThingName,
+        Item::Endpoint,
+    ];
+    for (dev, serial) in [(&bundled, "SN-BUNDLE-ON"), (&per_item, "SN-BUNDLE-OFF")] {
+        assert_cert_verifies(tmp.path(), &ca, dev);
+        let stored = dev.stored();
+        let mut held: Vec<Item> = stored.items.keys().copied().collect();
+        held.sort_by_key(|i| u8::from(*i));
+        assert_eq!(held, items, "{serial}");
+        assert_eq!(
+            stored.item(Item::ThingName),
+            Some(format!("sensor_{serial}").as_bytes())
+        );
+        assert_eq!(
+            stored.item(Item::Endpoint),
+            Some(&b"example-ats.iot.eu-west-1.amazonaws.com"[..])
+        );
+        assert_eq!(ledger_state(&report, serial), "verified");
+        assert_eq!(live_certs(tmp.path(), serial), 1);
+    }
+    // One Bundle write and one set digest against three requests and a
+    // digest per item: the paths are told apart by what crossed the line.
+    let (on, off) = (bundled.stored(), per_item.stored());
+    assert!(
+        on.frames_in + 10 <= off.frames_in,
+        "bundle {} frames, item by item {}",
+        on.frames_in,
+        off.frames_in
+    );
+    assert!(on.bytes_in < off.bytes_in && on.bytes_out < off.bytes_out);
+}
+
+#[test]
+fn a_bundle_write_reset_midway_resumes_with_one_live_certificate() {
+    let tmp = tempdir();
+    let ca = make_ca(tmp.path());
+    let faults = Faults {
+        reset_during: Some(Item::Bundle),
+        ..Faults::default()
+    };
+    let resumable = sim_bundle("SN-BRESET-R", true, true, faults.clone());
+    let fresh = sim_bundle("SN-BRESET-F", true, false, faults);
+    let (run, report) = flash_cmd(tmp.path(), &[&resumable, &fresh], "station", &[]);
+    run.expect_code(0);
+    for (dev, serial) in [(&resumable, "SN-BRESET-R"), (&fresh, "SN-BRESET-F")] {
+        assert_eq!(dev.stored().resets, 1, "{serial} did reset");
+        assert_cert_verifies(tmp.path(), &ca, dev);
+        assert_eq!(live_certs(tmp.path(), serial), 1, "{serial}");
+        assert_eq!(ledger_state(&report, serial), "verified");
+    }
+    for passed in report["passed"].as_array().expect("passed") {
+        assert!(passed["restarts"].as_u64() >= Some(1), "{run}");
+    }
+    // The resumable device took the rest of the bundle from where it
+    // stood; the other one had to take it all again.
+    assert!(
+        resumable.stored().bytes_in < fresh.stored().bytes_in,
+        "resumed {} bytes, from scratch {}",
+        resumable.stored().bytes_in,
+        fresh.stored().bytes_in
+    );
+}
+
 #[test]
 fn a_silent_device_times_out_and_frees_its_port() {
     let tmp = tempdir();
