@@ -233,7 +233,7 @@ impl<'a, T: Transport + ?Sized> Link<'a, T> {
             max_frame: STATION_MAX_FRAME,
             station_nonce: Some(station_nonce),
         };
-        let reply = self.exchange(hello, 128, None)?;
+        let reply = self.exchange(hello, 128, None, None)?;
         if let Message::HelloReply { max_frame, .. } = &reply {
             self.peer_max_frame = (*max_frame).max(MIN_MAX_FRAME);
         }
@@ -251,7 +251,21 @@ impl<'a, T: Transport + ?Sized> Link<'a, T> {
         timeout: Option<Duration>,
     ) -> Result<Message, LinkError> {
         self.seq = self.seq.wrapping_add(1);
-        self.exchange(request, response_bound, timeout)
+        self.exchange(request, response_bound, timeout, None)
+    }
+
+    /// [`Link::request`] giving up after at most `tries` tries, so that
+    /// the caller can send something else instead (a shorter chunk: on a
+    /// noisy line a long frame may never get through whole, and a retry
+    /// must repeat the same bytes).
+    pub fn request_tries(
+        &mut self,
+        request: Message,
+        response_bound: usize,
+        tries: u32,
+    ) -> Result<Message, LinkError> {
+        self.seq = self.seq.wrapping_add(1);
+        self.exchange(request, response_bound, None, Some(tries))
     }
 
     fn exchange(
@@ -259,6 +273,7 @@ impl<'a, T: Transport + ?Sized> Link<'a, T> {
         request: Message,
         response_bound: usize,
         timeout: Option<Duration>,
+        cap: Option<u32>,
     ) -> Result<Message, LinkError> {
         let name = request_name(&request);
         let encode_err = |e: crate::device::EncodeError| LinkError::Encode {
@@ -290,6 +305,7 @@ impl<'a, T: Transport + ?Sized> Link<'a, T> {
             } else {
                 limit
             };
+            let budget = cap.map_or(budget, |cap| budget.min(cap.max(1)));
             if tries >= budget {
                 return Err(LinkError::NoResponse {
                     port: self.port.name().to_string(),

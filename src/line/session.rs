@@ -47,6 +47,9 @@ const CSR_LIMIT: usize = 16 * 1024;
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Times a chunked write starts over after `Nak{BadOffset}`.
 const WRITE_RESTARTS: u32 = 3;
+/// Times a chunked write asks where the device stands after a chunk it
+/// gave up on (see `write_item`).
+const WRITE_RESYNCS: u32 = 16;
 
 /// Who makes the device's key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -1176,8 +1179,16 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
         let total_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         let peer = self.link.peer_max_frame();
         let mut attempts = 0;
+        // A chunk given up to be sent shorter may have reached the device
+        // (only its answers were lost): the next one is then refused with
+        // `BadOffset`, and `WriteBegin` tells where the device stands. Such
+        // a resync is not a restart; it is bounded on its own.
+        let mut abandoned = false;
+        let mut resyncs = 0;
         'begin: loop {
-            attempts += 1;
+            if !std::mem::take(&mut abandoned) {
+                attempts += 1;
+            }
             let chunker = Chunker::new(item, data, peer).map_err(|e| {
                 fail(SessionError::Capability {
                     port: self.port(),
@@ -1207,10 +1218,32 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
                 let Some(chunk) = chunker.next() else { break };
                 let sent = chunk_len(&chunk);
                 let retries = self.link.stats().retries;
-                let answer = self.link.request(chunk, 64, None)?;
+                let answer = if limit > MIN_FRAME {
+                    // A retry repeats the same bytes: a chunk too long for
+                    // the line's noise is given up soon and sent shorter.
+                    match self.link.request_tries(chunk, 64, SHRINK_AFTER_TRIES) {
+                        Err(LinkError::NoResponse { .. }) => {
+                            self.write_limit = (limit / 2).max(MIN_FRAME);
+                            abandoned = true;
+                            continue;
+                        }
+                        answer => answer?,
+                    }
+                } else {
+                    self.link.request(chunk, 64, None)?
+                };
                 self.write_limit = adapt(limit, peer, self.link.stats().retries > retries);
                 match answer {
-                    Message::Ack => offset += sent,
+                    Message::Ack => {
+                        offset += sent;
+                        abandoned = false;
+                    }
+                    Message::Nak {
+                        code: ErrorCode::BadOffset,
+                    } if abandoned && resyncs < WRITE_RESYNCS => {
+                        resyncs += 1;
+                        continue 'begin;
+                    }
                     Message::Nak {
                         code: ErrorCode::BadOffset,
                     } if attempts <= WRITE_RESTARTS => continue 'begin,
@@ -1357,6 +1390,9 @@ impl<T: Transport + ?Sized> Session<'_, '_, T> {
 
 /// Smallest frame the station falls back to on a noisy line (wire bytes).
 const MIN_FRAME: u16 = 32;
+
+/// Tries of a chunk longer than [`MIN_FRAME`] before it is sent shorter.
+const SHRINK_AFTER_TRIES: u32 = 3;
 
 /// The next frame size: halved after a request that needed a retry (long
 /// frames are the ones noise destroys), grown by an eighth after one that
