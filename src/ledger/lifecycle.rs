@@ -66,14 +66,15 @@ impl WriteOp {
 pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<(), LedgerError> {
     let sql = |e| ctx.sqlite(op.describe(), e);
     let path = || ctx.path.to_path_buf();
+    let unknown = |serial: &str| LedgerError::UnknownDevice {
+        path: path(),
+        op: op.describe(),
+        serial: serial.to_string(),
+    };
     let status = |serial: &str| -> Result<DeviceStatus, LedgerError> {
         device_status(conn, ctx.ca, serial)
             .map_err(sql)?
-            .ok_or_else(|| LedgerError::UnknownDevice {
-                path: path(),
-                op: op.describe(),
-                serial: serial.to_string(),
-            })
+            .ok_or_else(|| unknown(serial))
     };
     let refuse =
         |serial: &str, from: DeviceState, to: DeviceState, note: &str| LedgerError::Transition {
@@ -87,11 +88,7 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
         WriteOp::Advance { serial, to, detail } => {
             let dev = step_status(conn, ctx, serial)
                 .map_err(sql)?
-                .ok_or_else(|| LedgerError::UnknownDevice {
-                    path: path(),
-                    op: op.describe(),
-                    serial: serial.to_string(),
-                })?;
+                .ok_or_else(|| unknown(serial))?;
             if dev.state == *to {
                 return Ok(());
             }
@@ -140,11 +137,7 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
         } => {
             let dev = intent_status(conn, ctx, serial)
                 .map_err(sql)?
-                .ok_or_else(|| LedgerError::UnknownDevice {
-                    path: path(),
-                    op: op.describe(),
-                    serial: serial.to_string(),
-                })?;
+                .ok_or_else(|| unknown(serial))?;
             if dev.state == DeviceState::Failed {
                 return Err(refuse(
                     serial,
