@@ -891,7 +891,7 @@ groups = ["line-1"]
             .advance(serial, DeviceState::KeyReady, "key")
             .unwrap();
         ledger.record_intent(serial, "0a", b"public key").unwrap();
-        let der = b"certificate DER".to_vec();
+        let der = crate::ledger::tests::der_for("0a");
         ledger
             .record_issued("0a", &der, time::macros::datetime!(2035-01-01 0:00 UTC))
             .unwrap();
@@ -982,7 +982,7 @@ groups = ["line-1"]
         );
         b.fake.calls();
         let done = b.registrar.register(&b.ledger, &b.device).await.unwrap();
-        assert_eq!(done.certificate_id, sha256_hex(b"certificate DER"));
+        assert_eq!(done.certificate_id, sha256_hex(&b.device.cert_der));
         // Nothing before the failed step is called again.
         assert_eq!(
             b.fake.calls(),
@@ -1027,7 +1027,7 @@ groups = ["line-1"]
             .iter()
             .find(|s| s.step == "register_certificate")
             .unwrap();
-        assert!(cert.resource.ends_with(&sha256_hex(b"certificate DER")));
+        assert!(cert.resource.ends_with(&sha256_hex(&b.device.cert_der)));
         // The thing's principal is the certificate: one of it, not two.
         let principals = b.fake.principals.lock().unwrap().clone();
         assert_eq!(principals["sensor_SN1"], vec![cert.resource.clone()]);

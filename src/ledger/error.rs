@@ -80,15 +80,16 @@ pub enum LedgerError {
         /// The device that has it.
         used_by: String,
     },
-    /// The certificate (same DER) is already in the ledger.
-    #[error("{}: recording certificate {cert_serial}: certificate id {certificate_id} is already recorded", path.display())]
-    DuplicateCertificate {
+    /// The DER recorded for an intent is not a certificate under the
+    /// intent's serial.
+    #[error("{}: recording certificate {cert_serial}: the DER {}", path.display(), found.as_deref().map_or("is not an X.509 certificate".to_string(), |s| format!("carries serial {s}")))]
+    CertificateMismatch {
         /// The ledger file.
         path: PathBuf,
-        /// The certificate serial.
+        /// The serial of the intent.
         cert_serial: String,
-        /// SHA-256 of the DER.
-        certificate_id: String,
+        /// The serial the DER carries, if it is a certificate.
+        found: Option<String>,
     },
     /// The public key was already certified for another device.
     #[error("{}: recording intent for device {serial}: public key {public_key} was already certified for device {used_by} (certificate {used_cert_serial})", path.display())]

@@ -238,24 +238,14 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
             if state != CertState::Intent.as_str() {
                 return Err(no_intent(state.parse().ok()));
             }
-            // The unique index on certificate_id refuses a DER recorded before.
-            let updated = conn
-                .prepare_cached(
-                    "UPDATE certificates SET der = ?2, certificate_id = ?3, not_after = ?4, state = 'live', updated = ?5 \
-                     WHERE cert_serial = ?1",
-                )
-                .and_then(|mut s| s.execute(params![cert_serial, der, certificate_id, not_after, ctx.now]));
-            match updated {
-                Ok(_) => {}
-                Err(e) if is_unique_violation(&e, "certificate_id") => {
-                    return Err(LedgerError::DuplicateCertificate {
-                        path: path(),
-                        cert_serial: cert_serial.clone(),
-                        certificate_id: certificate_id.clone(),
-                    })
-                }
-                Err(e) => return Err(sql(e)),
-            }
+            // The DER carries cert_serial (checked on submitting), which is
+            // unique: no DER is recorded twice.
+            conn.prepare_cached(
+                "UPDATE certificates SET der = ?2, certificate_id = ?3, not_after = ?4, state = 'live', updated = ?5 \
+                 WHERE cert_serial = ?1",
+            )
+            .and_then(|mut s| s.execute(params![cert_serial, der, certificate_id, not_after, ctx.now]))
+            .map_err(sql)?;
             ctx.set_state(conn, &serial, DeviceState::Issued, None)
                 .map_err(sql)?;
             ctx.event(

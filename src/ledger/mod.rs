@@ -34,8 +34,9 @@
 //! signature that may exist and was never delivered: [`Ledger::open`]
 //! marks it superseded (`never delivered (crash)`), lists it in
 //! [`Ledger::recovered`], and the device is issued anew. A certificate
-//! serial is never used twice, a DER never recorded twice, and a public key
-//! certified for one device is refused for another.
+//! serial is never used twice, the DER recorded for an intent must carry
+//! its serial (so no DER is recorded twice), and a public key certified
+//! for one device is refused for another.
 //!
 //! # Durability
 //! Every operation is answered only after its transaction committed. What
@@ -82,7 +83,7 @@ pub mod types;
 mod writer;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 #[cfg(test)]
 mod tests_kill;
 #[cfg(test)]
@@ -357,7 +358,10 @@ impl Ledger {
     }
 
     /// [`Ledger::record_issued`] without waiting, for a certificate whose
-    /// id (SHA-256 hex of `der`) the caller computed already.
+    /// id (SHA-256 hex of `der`) the caller computed already. `der` must be
+    /// a certificate carrying `cert_serial`
+    /// ([`LedgerError::CertificateMismatch`]): with certificate serials
+    /// unique, no DER is then ever recorded twice.
     pub fn submit_issued(
         &self,
         cert_serial: &str,
@@ -368,6 +372,14 @@ impl Ledger {
         let cert_serial = self.cert_serial(cert_serial, || {
             format!("recording certificate {cert_serial}")
         })?;
+        let found = types::der_serial(der);
+        if found.as_deref() != Some(types::significant_hex(&cert_serial).as_str()) {
+            return Err(LedgerError::CertificateMismatch {
+                path: self.path.clone(),
+                cert_serial,
+                found,
+            });
+        }
         self.submit(WriteOp::Issued {
             cert_serial,
             der: der.to_vec(),

@@ -167,6 +167,40 @@ CREATE TABLE registration_steps (
     FOREIGN KEY (ca, device_serial) REFERENCES devices (ca, serial)
 );
 "#,
+    // 3 -> 4: certificates without a unique index on certificate_id. The
+    // id is the SHA-256 of the DER, so every insert into that index landed
+    // on a random page, one more page written to the WAL per certificate
+    // and commit. A DER holds its serial: the unique cert_serial, with the
+    // check that the DER recorded carries the serial of its intent, keeps
+    // every DER recorded once.
+    r#"
+CREATE TABLE certificates_v4 (
+    id              INTEGER PRIMARY KEY,
+    ca              TEXT NOT NULL,
+    device_serial   TEXT NOT NULL,
+    thing_name      TEXT NOT NULL,
+    cert_serial     TEXT NOT NULL UNIQUE,
+    certificate_id  TEXT,
+    public_key      TEXT NOT NULL,
+    der             BLOB,
+    not_after       TEXT,
+    state           TEXT NOT NULL CHECK (state = 'intent' OR state = 'live' OR state = 'superseded'),
+    reason          TEXT,
+    created         TEXT NOT NULL,
+    updated         TEXT NOT NULL,
+    CHECK (state <> 'live' OR (der IS NOT NULL AND certificate_id IS NOT NULL)),
+    FOREIGN KEY (ca, device_serial) REFERENCES devices (ca, serial)
+);
+INSERT INTO certificates_v4 (id, ca, device_serial, thing_name, cert_serial, certificate_id, public_key,
+                             der, not_after, state, reason, created, updated)
+    SELECT id, ca, device_serial, thing_name, cert_serial, certificate_id, public_key,
+           der, not_after, state, reason, created, updated FROM certificates;
+DROP TABLE certificates;
+ALTER TABLE certificates_v4 RENAME TO certificates;
+CREATE UNIQUE INDEX certificates_one_live ON certificates (device_serial, ca) WHERE state = 'live';
+CREATE UNIQUE INDEX certificates_one_intent ON certificates (device_serial, ca) WHERE state = 'intent';
+CREATE INDEX certificates_by_key ON certificates (public_key);
+"#,
 ];
 
 /// The schema version this station writes.

@@ -39,9 +39,19 @@ pub(super) fn open(path: &Path) -> Ledger {
     Ledger::open(path, test_ca(), options()).unwrap()
 }
 
-/// A fake DER, distinct per serial: the ledger stores it, it does not parse it.
-pub(super) fn der_for(cert_serial: &str) -> Vec<u8> {
-    format!("DER of {cert_serial}").into_bytes()
+/// A certificate under `cert_serial` (hex), signed by one test key: the
+/// ledger checks that the DER recorded for an intent carries its serial.
+pub(crate) fn der_for(cert_serial: &str) -> Vec<u8> {
+    static KEY: std::sync::OnceLock<rcgen::KeyPair> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(|| rcgen::KeyPair::generate().unwrap());
+    let padded = format!("{}{cert_serial}", "0".repeat(cert_serial.len() % 2));
+    let bytes: Vec<u8> = (0..padded.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).unwrap())
+        .collect();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&bytes));
+    params.self_signed(key).unwrap().der().to_vec()
 }
 
 /// Plans (if new), makes ready, records intent and issuance.
@@ -91,10 +101,11 @@ fn states_and_events_are_recorded() {
     let pending = ledger.device("SN-1").unwrap().unwrap();
     assert_eq!(pending.pending_intent.as_deref(), Some("4a01"));
     assert_eq!(pending.state, DeviceState::KeyReady);
+    let der = der_for("4a01");
     let id = ledger
-        .record_issued("4a01", b"DER", datetime!(2035-03-01 12:00 UTC))
+        .record_issued("4a01", &der, datetime!(2035-03-01 12:00 UTC))
         .unwrap();
-    assert_eq!(id, types::sha256_hex(b"DER"));
+    assert_eq!(id, types::sha256_hex(&der));
     for state in [
         DeviceState::Registered,
         DeviceState::Delivered,
@@ -111,7 +122,7 @@ fn states_and_events_are_recorded() {
     assert!(status.is_finished(DeviceState::Delivered));
     assert_eq!(
         ledger.reader().certificate_der("4A01").unwrap().as_deref(),
-        Some(&b"DER"[..])
+        Some(der.as_slice())
     );
 
     let events: Vec<String> = ledger
@@ -225,7 +236,7 @@ fn events_cannot_be_updated_or_deleted() {
 }
 
 #[test]
-fn duplicate_certificate_serial_and_der_are_refused() {
+fn duplicate_serials_and_foreign_ders_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = open(&ledger_path(&dir));
     let job = job("a");
@@ -250,15 +261,30 @@ fn duplicate_certificate_serial_and_der_are_refused() {
     );
 
     ledger.record_intent("SN-2", "0abd", b"k2").unwrap();
-    let same_der = ledger
+    // SN-1's certificate (serial 0abc) is not the certificate of intent 0abd.
+    let other = ledger
         .record_issued("0abd", &der_for("0abc"), datetime!(2035-03-01 0:00 UTC))
         .unwrap_err();
+    match &other {
+        LedgerError::CertificateMismatch {
+            cert_serial, found, ..
+        } => {
+            assert_eq!(cert_serial, "0abd");
+            assert_eq!(found.as_deref(), Some("abc"));
+        }
+        other => panic!("{other}"),
+    }
+    let garbage = ledger
+        .record_issued("0abd", b"not a certificate", datetime!(2035-03-01 0:00 UTC))
+        .unwrap_err();
     assert!(
-        matches!(same_der, LedgerError::DuplicateCertificate { .. }),
-        "{same_der}"
+        garbage
+            .to_string()
+            .contains("recording certificate 0abd: the DER is not an X.509 certificate"),
+        "{garbage}"
     );
     let twice = ledger
-        .record_issued("0abc", b"other", datetime!(2035-03-01 0:00 UTC))
+        .record_issued("0abc", &der_for("abc"), datetime!(2035-03-01 0:00 UTC))
         .unwrap_err();
     assert!(
         matches!(
@@ -349,7 +375,7 @@ fn an_intent_without_certificate_is_superseded_on_reopening() {
     assert_eq!(abandoned.reason.as_deref(), Some(REASON_CRASH));
     assert_eq!(abandoned.certificate_id, None);
     let late = ledger
-        .record_issued("02", b"late DER", datetime!(2035-03-01 0:00 UTC))
+        .record_issued("02", &der_for("02"), datetime!(2035-03-01 0:00 UTC))
         .unwrap_err();
     assert!(
         matches!(

@@ -41,7 +41,7 @@ fn child_writer() {
                         .record_intent(&serial, &cert, serial.as_bytes())
                         .unwrap();
                     println!("INTENT {serial} {cert}");
-                    let der = format!("DER {cert} {}", "x".repeat(600)).into_bytes();
+                    let der = super::tests::der_for(&cert);
                     let id = ledger
                         .record_issued(&cert, &der, datetime!(2035-01-01 0:00 UTC))
                         .unwrap();

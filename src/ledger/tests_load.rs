@@ -136,9 +136,7 @@ fn throughput() {
                             ledger
                                 .record_intent(&serial, &cert, serial.as_bytes())
                                 .unwrap();
-                            let der = vec![u8::try_from(i % 251).unwrap_or(0); 700];
-                            let mut der = der;
-                            der[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                            let der = super::tests::der_for(&cert);
                             ledger
                                 .record_issued(&cert, &der, datetime!(2035-01-01 0:00 UTC))
                                 .unwrap();
@@ -194,16 +192,11 @@ fn run_lifecycles(ledger: &Ledger, devices: usize, threads: usize) {
                     let issued: Vec<_> = chunk
                         .iter()
                         .map(|i| {
-                            let mut der = vec![0x30u8; 600];
-                            der[..8].copy_from_slice(&(*i as u64).to_be_bytes());
+                            let cert = format!("{i:032x}");
+                            let der = super::tests::der_for(&cert);
                             let id = types::sha256_hex(&der);
                             ledger
-                                .submit_issued(
-                                    &format!("{i:032x}"),
-                                    &der,
-                                    &id,
-                                    datetime!(2035-01-01 0:00 UTC),
-                                )
+                                .submit_issued(&cert, &der, &id, datetime!(2035-01-01 0:00 UTC))
                                 .unwrap()
                         })
                         .collect();

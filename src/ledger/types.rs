@@ -348,3 +348,19 @@ pub(crate) fn normalise_serial(hex: &str) -> Option<String> {
     (!hex.is_empty() && hex.len() <= 42 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
         .then(|| hex.to_ascii_lowercase())
 }
+
+/// The serial number a certificate's DER carries, as lower-case hex
+/// without leading zeros; `None` if `der` is not an X.509 certificate.
+pub(crate) fn der_serial(der: &[u8]) -> Option<String> {
+    let (rest, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    rest.is_empty()
+        .then(|| significant_hex(&crate::ca::serial::hex(cert.raw_serial())))
+}
+
+/// A hex number without its leading zeros ("0" for zero).
+pub(crate) fn significant_hex(hex: &str) -> String {
+    match hex.trim_start_matches('0') {
+        "" => "0".to_string(),
+        digits => digits.to_string(),
+    }
+}
