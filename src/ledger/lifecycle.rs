@@ -86,6 +86,11 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
         };
     match op {
         WriteOp::Advance { serial, to, detail } => {
+            if advance_directly(conn, ctx, serial, *to).map_err(sql)? {
+                return ctx.event(conn, serial, to.as_str(), detail).map_err(sql);
+            }
+            // Not a step forward the lifecycle allows as it is: a no-op, or
+            // a refusal saying why.
             let dev = step_status(conn, ctx, serial)
                 .map_err(sql)?
                 .ok_or_else(|| unknown(serial))?;
@@ -347,6 +352,42 @@ fn step_status(
         })
     })
     .optional()
+}
+
+/// Moves the device to `to` in one statement when the step is allowed as
+/// it is (from an earlier state, not failed, with a live certificate if
+/// `to` needs one); false if nothing moved.
+fn advance_directly(
+    conn: &Connection,
+    ctx: &Ctx<'_>,
+    serial: &str,
+    to: DeviceState,
+) -> rusqlite::Result<bool> {
+    if matches!(to, DeviceState::Issued | DeviceState::Failed) {
+        return Ok(false);
+    }
+    // The states it may not come from (itself, later ones, failed), as an
+    // AND chain: an OR chain or an IN list on the state would have SQLite
+    // build a temporary table on every execution.
+    let refused: Vec<String> = DeviceState::ALL
+        .into_iter()
+        .filter(|s| *s >= to)
+        .map(|s| format!("state <> '{}'", s.as_str()))
+        .collect();
+    let live = if to.has_certificate() {
+        " AND EXISTS (SELECT 1 FROM certificates c \
+           WHERE c.device_serial = ?1 AND c.ca = ?2 AND c.state = 'live')"
+    } else {
+        ""
+    };
+    let moved = conn
+        .prepare_cached(&format!(
+            "UPDATE devices SET state = ?3, error = NULL, updated = ?4 \
+             WHERE serial = ?1 AND ca = ?2 AND {}{live}",
+            refused.join(" AND ")
+        ))?
+        .execute(params![serial, ctx.ca.as_str(), to.as_str(), ctx.now])?;
+    Ok(moved == 1)
 }
 
 /// Whether `e` is the unique index on `certificates.<column>` refusing a row.

@@ -176,22 +176,12 @@ pub(crate) fn plan(
 ) -> Result<PlanOutcome, LedgerError> {
     let dev = &op.device;
     let sql = |e| ctx.sqlite(op.describe(), e);
-    let Some(existing) = device_status(conn, ctx.ca, &dev.serial).map_err(sql)? else {
-        if let Some((holder, line)) =
-            thing_name_holder(conn, ctx.ca, &dev.thing_name).map_err(sql)?
-        {
-            return Err(LedgerError::Invalid {
-                path: ctx.path.to_path_buf(),
-                op: op.describe(),
-                problem: format!(
-                    "thing name {} already belongs to device {holder} (line {line})",
-                    dev.thing_name
-                ),
-            });
-        }
-        conn.prepare_cached(
+    // Most devices are new: insert first. A serial or a thing name already
+    // taken inserts nothing, and the device is looked at below.
+    let inserted = conn
+        .prepare_cached(
             "INSERT INTO devices (ca, serial, thing_name, job_file, job_label, line, state, created, updated) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'planned', ?7, ?7)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'planned', ?7, ?7) ON CONFLICT DO NOTHING",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -205,6 +195,7 @@ pub(crate) fn plan(
             ])
         })
         .map_err(sql)?;
+    if inserted == 1 {
         ctx.event(
             conn,
             &dev.serial,
@@ -213,6 +204,27 @@ pub(crate) fn plan(
         )
         .map_err(sql)?;
         return Ok(PlanOutcome::New);
+    }
+    let Some(existing) = device_status(conn, ctx.ca, &dev.serial).map_err(sql)? else {
+        if let Some((holder, line)) =
+            thing_name_holder(conn, ctx.ca, &dev.thing_name).map_err(sql)?
+        {
+            return Err(LedgerError::Invalid {
+                path: ctx.path.to_path_buf(),
+                op: op.describe(),
+                problem: format!(
+                    "thing name {} already belongs to device {holder} (line {line})",
+                    dev.thing_name
+                ),
+            });
+        }
+        // Neither the serial nor the thing name is taken, yet the insert
+        // was refused: a conflict this code does not know of.
+        return Err(LedgerError::Invalid {
+            path: ctx.path.to_path_buf(),
+            op: op.describe(),
+            problem: "the device could not be inserted and is not in the ledger".into(),
+        });
     };
     if existing.job == op.job {
         if existing.state != DeviceState::Failed {

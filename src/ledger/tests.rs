@@ -582,3 +582,52 @@ fn a_version_1_ledger_is_migrated_with_everything_in_it() {
     issue(&ledger, &job("a"), "SN-2", "0d", b"key 2");
     assert_eq!(export(&ledger).len(), 3);
 }
+
+#[test]
+fn planning_and_stepping_refuse_what_the_lifecycle_does_not_allow() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&ledger_path(&dir));
+    let job = job("a");
+    ledger.plan(&job, &device("SN-1", 2), false).unwrap();
+    // Another device under the same thing name: refused, naming the holder.
+    let mut twin = device("SN-2", 3);
+    twin.thing_name = "sensor_SN-1".into();
+    let taken = ledger.plan(&job, &twin, false).unwrap_err();
+    assert!(
+        taken
+            .to_string()
+            .contains("thing name sensor_SN-1 already belongs to device SN-1 (line 2)"),
+        "{taken}"
+    );
+    assert!(ledger.device("SN-2").unwrap().is_none());
+
+    // A step to where the device stands is a no-op: no second event.
+    ledger.advance("SN-1", DeviceState::KeyReady, "").unwrap();
+    ledger.advance("SN-1", DeviceState::KeyReady, "").unwrap();
+    let events = ledger.events("SN-1").unwrap();
+    assert_eq!(
+        events.iter().filter(|e| e.event == "key_ready").count(),
+        1,
+        "{events:?}"
+    );
+
+    // A failed device does not move on until it is planned again.
+    ledger.fail("SN-1", "no key").unwrap();
+    let stuck = ledger
+        .advance("SN-1", DeviceState::KeyReady, "")
+        .unwrap_err();
+    assert!(
+        matches!(
+            stuck,
+            LedgerError::Transition {
+                from: DeviceState::Failed,
+                ..
+            }
+        ),
+        "{stuck}"
+    );
+    assert_eq!(
+        ledger.device("SN-1").unwrap().unwrap().state,
+        DeviceState::Failed
+    );
+}
