@@ -109,7 +109,7 @@ struct BatchArgs {
     /// Key type for rows that name none.
     #[arg(long, default_value = "p256")]
     key: KeyType,
-    /// Worker threads [default: all cores].
+    /// Cores for the crypto and the files, two workers each [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
     /// Thing name for rows without one; {column} is replaced by the row's value.
