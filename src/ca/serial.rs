@@ -43,13 +43,7 @@ pub fn ordered(
 
 /// Lower-case hex of bytes (certificate ids and serials as AWS shows them).
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    hex::encode(bytes)
 }
 
 #[cfg(test)]

@@ -631,3 +631,17 @@ fn planning_and_stepping_refuse_what_the_lifecycle_does_not_allow() {
         DeviceState::Failed
     );
 }
+
+#[test]
+fn the_serial_is_read_from_a_certificate_and_nothing_else() {
+    let der = der_for("4a01");
+    assert_eq!(types::der_serial(&der).as_deref(), Some("4a01"));
+    assert_eq!(types::der_serial(&der_for("00ff")).as_deref(), Some("ff"));
+    let mut trailing = der.clone();
+    trailing.push(0);
+    assert_eq!(types::der_serial(&trailing), None);
+    assert_eq!(types::der_serial(&der[..der.len() - 1]), None);
+    assert_eq!(types::der_serial(b""), None);
+    // A SEQUENCE holding an INTEGER directly is not a certificate.
+    assert_eq!(types::der_serial(&[0x30, 0x03, 0x02, 0x01, 0x05]), None);
+}

@@ -331,15 +331,7 @@ pub struct AbandonedIntent {
 
 /// Lower-case hex SHA-256.
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    digest
-        .as_ref()
-        .iter()
-        .fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    crate::ca::serial::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 /// A certificate serial as stored: lower-case hex, no separators.
@@ -350,11 +342,29 @@ pub(crate) fn normalise_serial(hex: &str) -> Option<String> {
 }
 
 /// The serial number a certificate's DER carries, as lower-case hex
-/// without leading zeros; `None` if `der` is not an X.509 certificate.
+/// without leading zeros; `None` if `der` is not shaped as an X.509
+/// certificate. Only the outer structure is read, up to the serial
+/// (`SEQUENCE { SEQUENCE { [0] version OPTIONAL, INTEGER serial, ...`):
+/// the certificate comes from this station's signer, and a full parse
+/// here cost a tenth of the instructions of the signature itself.
 pub(crate) fn der_serial(der: &[u8]) -> Option<String> {
-    let (rest, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    rest.is_empty()
-        .then(|| significant_hex(&crate::ca::serial::hex(cert.raw_serial())))
+    use x509_parser::asn1_rs::{Any, Class, FromDer, Tag};
+    let (rest, cert) = Any::from_der(der).ok()?;
+    if !rest.is_empty() || cert.tag() != Tag::Sequence {
+        return None;
+    }
+    let (_, tbs) = Any::from_der(cert.data).ok()?;
+    if tbs.tag() != Tag::Sequence {
+        return None;
+    }
+    let (fields, first) = Any::from_der(tbs.data).ok()?;
+    let serial = if first.class() == Class::ContextSpecific && first.tag() == Tag(0) {
+        Any::from_der(fields).ok()?.1
+    } else {
+        first
+    };
+    (serial.class() == Class::Universal && serial.tag() == Tag::Integer)
+        .then(|| significant_hex(&crate::ca::serial::hex(serial.data)))
 }
 
 /// A hex number without its leading zeros ("0" for zero).
