@@ -121,10 +121,6 @@ impl BundleWriter {
     /// the bundle rather than one per file.
     pub fn write(&self, bundle: &Bundle<'_>) -> Result<PathBuf, OutputError> {
         let dir = self.device_dir(bundle.thing_name);
-        let cert_path = dir.join(CERT_FILE);
-        if cert_path.exists() {
-            return Err(OutputError::AlreadyIssued { path: cert_path });
-        }
         let partial = self.out.join(format!(".{}.partial", bundle.thing_name));
         match fs::create_dir(&partial) {
             Ok(()) => {}
@@ -152,11 +148,20 @@ impl BundleWriter {
         if fs::hard_link(&self.root, partial.join(ROOT_FILE)).is_err() {
             write(ROOT_FILE, AMAZON_ROOT_CA1, fsx::PUBLIC)?;
         }
+        // An empty folder of that name is replaced by the rename; one with
+        // files in it is not (rename refuses it), so a certificate standing
+        // there is never overwritten, and asking first would cost every
+        // device a lookup.
         match fs::rename(&partial, &dir) {
             Ok(()) => Ok(dir),
-            // An empty folder of that name is replaced by the rename; one
-            // with files in it (not ours) stays, and so does the bundle.
-            Err(e) => Err(io_err(&dir)(e)),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&partial);
+                let cert_path = dir.join(CERT_FILE);
+                if cert_path.exists() {
+                    return Err(OutputError::AlreadyIssued { path: cert_path });
+                }
+                Err(io_err(&dir)(e))
+            }
         }
     }
 }
@@ -277,9 +282,24 @@ mod tests {
             fs::read_to_string(dir.path().join("t1/chain.pem")).unwrap(),
             "CA"
         );
+        let second = Bundle {
+            cert_pem: "D",
+            private_key_pem: Some("L"),
+            ..bundle
+        };
         assert!(matches!(
-            writer.write(&bundle),
+            writer.write(&second),
             Err(OutputError::AlreadyIssued { .. })
         ));
+        // The first bundle stands, and the refused one left nothing behind.
+        assert_eq!(
+            fs::read_to_string(dir.path().join("t1/cert.pem")).unwrap(),
+            "C"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("t1/private.key")).unwrap(),
+            "K"
+        );
+        assert!(!dir.path().join(".t1.partial").exists());
     }
 }
