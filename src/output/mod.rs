@@ -80,12 +80,22 @@ pub struct BundleWriter {
     out: PathBuf,
     /// One copy of Amazon Root CA 1 that every device folder links to.
     root: PathBuf,
+    /// Whether the output folder held device folders when this writer
+    /// was made (not counting hidden ones: partial or set-aside bundles).
+    had_devices: bool,
 }
 
 impl BundleWriter {
     /// Creates the output folder if needed and checks it is writable.
     pub fn create(out: &Path) -> Result<Self, OutputError> {
         fs::create_dir_all(out).map_err(io_err(out))?;
+        let had_devices = fs::read_dir(out)
+            .map_err(io_err(out))?
+            .filter_map(Result::ok)
+            .any(|e| {
+                !e.file_name().to_string_lossy().starts_with('.')
+                    && e.file_type().is_ok_and(|t| t.is_dir())
+            });
         let probe = out.join(format!(".provline-probe-{}", std::process::id()));
         fs::write(&probe, b"").map_err(io_err(out))?;
         fs::remove_file(&probe).map_err(io_err(&probe))?;
@@ -100,7 +110,16 @@ impl BundleWriter {
         Ok(BundleWriter {
             out: out.to_path_buf(),
             root,
+            had_devices,
         })
+    }
+
+    /// Whether a device folder may stand here from before this writer:
+    /// false when the output folder held none, so a run into a new folder
+    /// need not look for one device by device. ([`BundleWriter::write`]
+    /// never overwrites a certificate either way.)
+    pub fn may_hold_earlier_devices(&self) -> bool {
+        self.had_devices
     }
 
     /// The output folder.

@@ -530,3 +530,37 @@ fn quiet_prints_nothing_on_stdout() {
         "-q printed something on a run without errors\n{r}"
     );
 }
+
+#[test]
+fn a_certificate_standing_in_a_device_folder_is_left_alone_and_only_its_device_fails() {
+    let tmp = tempdir();
+    let ca = copy_ca("ec-p256-pkcs8", tmp.path());
+    let job = tmp.path().join("job.csv");
+    write_serial_job(&job, 5);
+    let out = tmp.path().join("out");
+    let foreign = out.join("sensor_SN-000003");
+    fs::create_dir_all(&foreign).expect("foreign folder");
+    fs::write(foreign.join("cert.pem"), b"not the station's").expect("foreign cert");
+
+    let run = batch(tmp.path(), &job, &ca, &out, &["--json"]);
+    run.expect_code(1);
+    let rows = by_serial(&read_manifest(&out));
+    assert_eq!(rows.len(), 5, "{run}");
+    let refused = &rows["SN-000003"];
+    assert_eq!(refused.status, "failed", "{refused:?}");
+    assert!(
+        refused.error.contains("already holds a certificate"),
+        "{refused:?}"
+    );
+    for serial in ["SN-000001", "SN-000002", "SN-000004", "SN-000005"] {
+        assert_eq!(rows[serial].status, "issued", "{serial}: {run}");
+    }
+    assert_eq!(
+        fs::read(foreign.join("cert.pem")).expect("foreign cert"),
+        b"not the station's"
+    );
+    assert!(!foreign.join("private.key").exists());
+    // Refused before signing: no certificate of the ledger is spent on it.
+    let export = ledger_export(tmp.path(), &tmp.path().join("out.ledger.sqlite"));
+    assert_eq!(export.len(), 4, "{export:#?}");
+}
