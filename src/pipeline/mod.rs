@@ -14,8 +14,9 @@
 //! Each worker handles a chunk of devices at a time, queueing the chunk's
 //! ledger operations together so they share commits. The crypto and the
 //! file writes run on the workers (two per core, N = `--threads`); tokio
-//! orchestrates the collector and signals. Memory does not grow with the job: rows stream
-//! through bounded queues and uniqueness is checked by the ledger.
+//! orchestrates the collector and signals. Memory does not grow with the
+//! job: rows stream through bounded queues and uniqueness is checked by the
+//! ledger.
 
 pub mod device;
 mod register;
