@@ -148,7 +148,7 @@ impl Default for LedgerOptions {
     fn default() -> Self {
         LedgerOptions {
             durability: Durability::Normal,
-            max_batch: 512,
+            max_batch: 1024,
             linger: Duration::ZERO,
             queue: 4096,
             clock: Arc::new(SystemClock),

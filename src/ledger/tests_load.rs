@@ -99,7 +99,7 @@ fn throughput() {
     const DEVICES: usize = 20_000;
     const THREADS: usize = 16;
     for durability in [Durability::Normal, Durability::Full] {
-        for max_batch in [512, 1] {
+        for max_batch in [1024, 1] {
             let dir = tempfile::tempdir().unwrap();
             let opts = LedgerOptions {
                 durability,
@@ -156,9 +156,9 @@ fn throughput() {
 }
 
 /// Runs `devices` devices through plan, intent, issued and delivered on
-/// `threads` threads, each submitting chunks of 64 as the pipeline does.
+/// `threads` threads, each submitting chunks of 256 as the pipeline does.
 fn run_lifecycles(ledger: &Ledger, devices: usize, threads: usize) {
-    const CHUNK: usize = 64;
+    const CHUNK: usize = 256;
     let job = job("load");
     std::thread::scope(|s| {
         for t in 0..threads {

