@@ -203,10 +203,8 @@ impl std::fmt::Debug for Registrar {
 /// Devices registering at once, at most.
 pub const MAX_IN_FLIGHT: usize = 64;
 
-/// Lower-case hex SHA-256.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    crate::ca::serial::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
-}
+/// Lower-case hex SHA-256 (a certificate's id, as AWS shows it).
+pub use crate::ledger::types::sha256_hex;
 
 impl Registrar {
     /// A registrar for `mode`, certificates signed by the CA `ca_pem`/`ca_der`.

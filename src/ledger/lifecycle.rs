@@ -366,28 +366,46 @@ fn advance_directly(
     if matches!(to, DeviceState::Issued | DeviceState::Failed) {
         return Ok(false);
     }
-    // The states it may not come from (itself, later ones, failed), as an
-    // AND chain: an OR chain or an IN list on the state would have SQLite
-    // build a temporary table on every execution.
-    let refused: Vec<String> = DeviceState::ALL
-        .into_iter()
-        .filter(|s| *s >= to)
-        .map(|s| format!("state <> '{}'", s.as_str()))
-        .collect();
-    let live = if to.has_certificate() {
-        " AND EXISTS (SELECT 1 FROM certificates c \
-           WHERE c.device_serial = ?1 AND c.ca = ?2 AND c.state = 'live')"
-    } else {
-        ""
-    };
-    let moved = conn
-        .prepare_cached(&format!(
-            "UPDATE devices SET state = ?3, error = NULL, updated = ?4 \
-             WHERE serial = ?1 AND ca = ?2 AND {}{live}",
-            refused.join(" AND ")
-        ))?
-        .execute(params![serial, ctx.ca.as_str(), to.as_str(), ctx.now])?;
+    let moved = conn.prepare_cached(advance_sql(to))?.execute(params![
+        serial,
+        ctx.ca.as_str(),
+        to.as_str(),
+        ctx.now
+    ])?;
     Ok(moved == 1)
+}
+
+/// The statement of [`advance_directly`] for target state `to`, built once
+/// per state. The states it may not come from (itself, later ones, failed)
+/// are an AND chain: an OR chain or an IN list on the state would have
+/// SQLite build a temporary table on every execution.
+fn advance_sql(to: DeviceState) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        DeviceState::ALL
+            .into_iter()
+            .map(|to| {
+                let refused: Vec<String> = DeviceState::ALL
+                    .into_iter()
+                    .filter(|s| *s >= to)
+                    .map(|s| format!("state <> '{}'", s.as_str()))
+                    .collect();
+                let live = if to.has_certificate() {
+                    " AND EXISTS (SELECT 1 FROM certificates c \
+                       WHERE c.device_serial = ?1 AND c.ca = ?2 AND c.state = 'live')"
+                } else {
+                    ""
+                };
+                format!(
+                    "UPDATE devices SET state = ?3, error = NULL, updated = ?4 \
+                     WHERE serial = ?1 AND ca = ?2 AND {}{live}",
+                    refused.join(" AND ")
+                )
+            })
+            .collect()
+    });
+    let index = DeviceState::ALL.iter().position(|s| *s == to).unwrap_or(0);
+    &all[index]
 }
 
 /// Whether `e` is the unique index on `certificates.<column>` refusing a row.

@@ -329,8 +329,9 @@ pub struct AbandonedIntent {
     pub since: String,
 }
 
-/// Lower-case hex SHA-256.
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+/// Lower-case hex SHA-256: a certificate's id (of its DER), a public key's
+/// fingerprint.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     crate::ca::serial::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
