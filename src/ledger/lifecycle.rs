@@ -164,10 +164,7 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
                 });
             }
             let reused: Option<(String, String)> = conn
-                .prepare_cached(
-                    "SELECT device_serial, cert_serial FROM certificates \
-                     WHERE public_key = ?1 AND device_serial <> ?2 LIMIT 1",
-                )
+                .prepare_cached(REUSED_KEY_SQL)
                 .and_then(|mut s| {
                     s.query_row([public_key, serial], |r| Ok((r.get(0)?, r.get(1)?)))
                         .optional()
@@ -288,6 +285,12 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
         }
     }
 }
+
+/// Another device's certificate for the public key `?1`, found through
+/// the index on the key's first 12 hex digits (schema v5).
+pub(super) const REUSED_KEY_SQL: &str = "SELECT device_serial, cert_serial FROM certificates \
+     WHERE substr(public_key, 1, 12) = substr(?1, 1, 12) AND public_key = ?1 \
+     AND device_serial <> ?2 LIMIT 1";
 
 /// What recording an intent needs to know about the device.
 struct IntentStatus {

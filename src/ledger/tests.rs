@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rusqlite::OptionalExtension;
 use time::macros::datetime;
 
 use super::*;
@@ -344,6 +345,41 @@ fn reused_public_key_is_detected() {
         DeviceState::Planned
     );
     ledger.record_intent("SN-1", "03", b"the same key").unwrap();
+}
+
+#[test]
+fn the_reused_key_lookup_uses_the_prefix_index_and_compares_whole_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = ledger_path(&dir);
+    let ledger = open(&path);
+    let job = job("a");
+    issue(&ledger, &job, "SN-1", "01", b"k1");
+    ledger.close().unwrap();
+    let conn = raw(&path);
+    let plan: Vec<String> = conn
+        .prepare(&format!("EXPLAIN QUERY PLAN {}", lifecycle::REUSED_KEY_SQL))
+        .unwrap()
+        .query_map(["a", "b"], |r| r.get(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        plan.iter()
+            .any(|step| step.contains("certificates_by_key_prefix")),
+        "{plan:?}"
+    );
+    // A key that shares the indexed prefix is not the same key.
+    let held: String = conn
+        .query_row("SELECT public_key FROM certificates", [], |r| r.get(0))
+        .unwrap();
+    let lookalike = format!("{}{}", &held[..12], "0".repeat(52));
+    let find = |key: &str| -> Option<String> {
+        conn.query_row(lifecycle::REUSED_KEY_SQL, [key, "SN-2"], |r| r.get(0))
+            .optional()
+            .unwrap()
+    };
+    assert_eq!(find(&lookalike), None);
+    assert_eq!(find(&held).as_deref(), Some("SN-1"));
 }
 
 #[test]
