@@ -188,7 +188,7 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
                 )
                 .and_then(|mut s| {
                     s.execute(params![
-                        ctx.ca.as_str(),
+                        ctx.ca,
                         serial,
                         dev.thing_name,
                         cert_serial,
@@ -225,7 +225,7 @@ pub(crate) fn write(conn: &Connection, ctx: &Ctx<'_>, op: &WriteOp) -> Result<()
             let found: Option<(String, String)> = conn
                 .prepare_cached("SELECT device_serial, state FROM certificates WHERE cert_serial = ?1 AND ca = ?2")
                 .and_then(|mut s| {
-                    s.query_row(params![cert_serial, ctx.ca.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                    s.query_row(params![cert_serial, ctx.ca], |r| Ok((r.get(0)?, r.get(1)?)))
                         .optional()
                 })
                 .map_err(sql)?;
@@ -313,7 +313,7 @@ fn intent_status(
               WHERE c.device_serial = d.serial AND c.ca = d.ca AND c.state = 'intent') \
          FROM devices d WHERE d.serial = ?1 AND d.ca = ?2",
     )?
-    .query_row(params![serial, ctx.ca.as_str()], |row| {
+    .query_row(params![serial, ctx.ca], |row| {
         Ok(IntentStatus {
             state: parse_state(row, 0)?,
             thing_name: row.get(1)?,
@@ -348,7 +348,7 @@ fn step_status(
              WHERE c.device_serial = d.serial AND c.ca = d.ca AND c.state = 'live') \
          FROM devices d WHERE d.serial = ?1 AND d.ca = ?2",
     )?
-    .query_row(params![serial, ctx.ca.as_str()], |row| {
+    .query_row(params![serial, ctx.ca], |row| {
         Ok(StepStatus {
             state: parse_state(row, 0)?,
             has_live: row.get(1)?,
@@ -371,7 +371,7 @@ fn advance_directly(
     }
     let moved = conn.prepare_cached(advance_sql(to))?.execute(params![
         serial,
-        ctx.ca.as_str(),
+        ctx.ca,
         to.as_str(),
         ctx.now
     ])?;

@@ -21,7 +21,7 @@
 //!
 //! # The lifecycle
 //! A device is its serial under one CA (the SHA-256 of the CA certificate,
-//! [`CaId`]). It goes `planned -> key_ready -> issued -> registered ->
+//! [`CaId`]; rows name the CA by its number in the `cas` table). It goes `planned -> key_ready -> issued -> registered ->
 //! delivered -> verified`, or `failed` with a reason, each step recorded
 //! before the next starts. It holds at most one live certificate and one
 //! pending intent (unique indexes say so, not only this code).
@@ -190,12 +190,17 @@ impl Ledger {
                 })?;
         }
         let recovered = recover(&conn, path, &timestamp(options.clock.now()))?;
+        let ca_key = store::register_ca(&conn, &ca).map_err(|source| LedgerError::Sqlite {
+            path: path.to_path_buf(),
+            op: format!("recording CA {ca}"),
+            source,
+        })?;
         let reader = LedgerReader::open(path)?;
         let (sender, rx) = crossbeam_channel::bounded(options.queue.max(1));
         let writer = Writer {
             conn,
             path: path.to_path_buf(),
-            ca: ca.clone(),
+            ca: ca_key,
             clock: options.clock,
             batching: Batching {
                 max_batch: options.max_batch,

@@ -58,8 +58,12 @@ impl LedgerReader {
 
     /// Where device `serial` stands under `ca`, if it is in the ledger.
     pub fn device(&self, ca: &CaId, serial: &str) -> Result<Option<DeviceStatus>, LedgerError> {
-        store::device_status(&self.conn(), ca, serial)
-            .map_err(self.err(format!("reading device {serial}")))
+        let conn = self.conn();
+        let read = || match store::find_ca(&conn, ca)? {
+            Some(ca) => store::device_status(&conn, ca, serial),
+            None => Ok(None),
+        };
+        read().map_err(self.err(format!("reading device {serial}")))
     }
 
     /// Every device `job` planned under `ca`, in job order.
@@ -68,8 +72,12 @@ impl LedgerReader {
         ca: &CaId,
         job: &JobId,
     ) -> Result<Vec<DeviceStatus>, LedgerError> {
-        store::job_devices(&self.conn(), ca, job)
-            .map_err(self.err(format!("reading the devices of job {job}")))
+        let conn = self.conn();
+        let read = || match store::find_ca(&conn, ca)? {
+            Some(ca) => store::job_devices(&conn, ca, job),
+            None => Ok(Vec::new()),
+        };
+        read().map_err(self.err(format!("reading the devices of job {job}")))
     }
 
     /// The DER of certificate `cert_serial` (lower-case hex), once signed.
@@ -88,18 +96,21 @@ impl LedgerReader {
     pub fn events(&self, ca: &CaId, serial: &str) -> Result<Vec<Event>, LedgerError> {
         let conn = self.conn();
         let read = || -> rusqlite::Result<Vec<Event>> {
+            let Some(key) = store::find_ca(&conn, ca)? else {
+                return Ok(Vec::new());
+            };
             let mut stmt = conn.prepare_cached(
-                "SELECT id, time, ca, device_serial, event, detail FROM events \
+                "SELECT id, time, device_serial, event, detail FROM events \
                  WHERE ca = ?1 AND device_serial = ?2 ORDER BY id",
             )?;
-            let rows = stmt.query_map(params![ca.as_str(), serial], |r| {
+            let rows = stmt.query_map(params![key, serial], |r| {
                 Ok(Event {
                     id: r.get(0)?,
                     time: r.get(1)?,
-                    ca: CaId::from_stored(r.get(2)?),
-                    device_serial: r.get(3)?,
-                    event: r.get(4)?,
-                    detail: r.get(5)?,
+                    ca: ca.clone(),
+                    device_serial: r.get(2)?,
+                    event: r.get(3)?,
+                    detail: r.get(4)?,
                 })
             })?;
             rows.collect()
@@ -118,8 +129,8 @@ impl LedgerReader {
         let op = "exporting the certificates";
         let mut stmt = conn
             .prepare(
-                "SELECT ca, device_serial, thing_name, cert_serial, certificate_id, public_key, state, reason, \
-                 not_after, created, updated FROM certificates ORDER BY id",
+                "SELECT cas.ca, device_serial, thing_name, cert_serial, certificate_id, public_key, state, reason, \
+                 not_after, created, updated FROM certificates c JOIN cas ON cas.id = c.ca ORDER BY c.id",
             )
             .map_err(self.err(op))?;
         let mut rows = stmt.query([]).map_err(self.err(op))?;
@@ -159,15 +170,23 @@ impl LedgerReader {
         serial: &str,
         cert_serial: &str,
     ) -> Result<Vec<StepRecord>, LedgerError> {
-        registration::steps(&self.conn(), ca, serial, &cert_serial.to_ascii_lowercase())
-            .map_err(self.err(format!("reading the registration steps of device {serial}")))
+        let conn = self.conn();
+        let read = || match store::find_ca(&conn, ca)? {
+            Some(ca) => registration::steps(&conn, ca, serial, &cert_serial.to_ascii_lowercase()),
+            None => Ok(Vec::new()),
+        };
+        read().map_err(self.err(format!("reading the registration steps of device {serial}")))
     }
 
     /// Every device of `ca` the ledger holds as registered (or past it)
     /// with registration steps for its live certificate.
     pub fn registered_devices(&self, ca: &CaId) -> Result<Vec<RegisteredDevice>, LedgerError> {
-        registration::registered(&self.conn(), ca)
-            .map_err(self.err("reading the registered devices"))
+        let conn = self.conn();
+        let read = || match store::find_ca(&conn, ca)? {
+            Some(ca) => registration::registered(&conn, ca),
+            None => Ok(Vec::new()),
+        };
+        read().map_err(self.err("reading the registered devices"))
     }
 
     /// SQLite's `PRAGMA integrity_check`: `["ok"]` for a sound file.

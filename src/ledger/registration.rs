@@ -9,8 +9,8 @@ use rusqlite::{params, Connection};
 use serde::Serialize;
 
 use super::error::LedgerError;
-use super::store::{device_status, Ctx};
-use super::types::{CaId, DeviceState};
+use super::store::{device_status, CaKey, Ctx};
+use super::types::DeviceState;
 
 /// One registration step as the ledger records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -81,7 +81,7 @@ pub(crate) fn write_step(
         )
         .and_then(|mut s| {
             s.execute(params![
-                ctx.ca.as_str(),
+                ctx.ca,
                 serial,
                 cert_serial,
                 record.step,
@@ -109,7 +109,7 @@ pub(crate) fn write_step(
 /// The steps recorded for one certificate of a device, oldest first.
 pub(crate) fn steps(
     conn: &Connection,
-    ca: &CaId,
+    ca: CaKey,
     serial: &str,
     cert_serial: &str,
 ) -> rusqlite::Result<Vec<StepRecord>> {
@@ -117,7 +117,7 @@ pub(crate) fn steps(
         "SELECT step, mode, thing_name, certificate_id, resource, detail FROM registration_steps \
          WHERE ca = ?1 AND device_serial = ?2 AND cert_serial = ?3 ORDER BY rowid",
     )?;
-    let rows = stmt.query_map(params![ca.as_str(), serial, cert_serial], |r| {
+    let rows = stmt.query_map(params![ca, serial, cert_serial], |r| {
         Ok(StepRecord {
             step: r.get(0)?,
             mode: r.get(1)?,
@@ -132,7 +132,7 @@ pub(crate) fn steps(
 
 /// Every device of `ca` past `registered` whose live certificate has
 /// registration steps, in serial order.
-pub(crate) fn registered(conn: &Connection, ca: &CaId) -> rusqlite::Result<Vec<RegisteredDevice>> {
+pub(crate) fn registered(conn: &Connection, ca: CaKey) -> rusqlite::Result<Vec<RegisteredDevice>> {
     let mut stmt = conn.prepare(
         "SELECT d.serial, d.thing_name, d.state, c.cert_serial FROM devices d \
          JOIN certificates c ON c.ca = d.ca AND c.device_serial = d.serial AND c.state = 'live' \
@@ -142,9 +142,7 @@ pub(crate) fn registered(conn: &Connection, ca: &CaId) -> rusqlite::Result<Vec<R
          ORDER BY d.serial",
     )?;
     let found: Vec<(String, String, String, String)> = stmt
-        .query_map([ca.as_str()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?
+        .query_map([ca], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<rusqlite::Result<_>>()?;
     let mut devices = Vec::with_capacity(found.len());
     for (serial, thing_name, state, cert_serial) in found {

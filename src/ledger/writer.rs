@@ -21,8 +21,8 @@ use rusqlite::Connection;
 
 use super::error::LedgerError;
 use super::lifecycle::{self, WriteOp};
-use super::store::{self, Ctx, PlanOp};
-use super::types::{CaId, PlanOutcome};
+use super::store::{self, CaKey, Ctx, PlanOp};
+use super::types::PlanOutcome;
 use crate::clock::Clock;
 
 /// An operation waiting for its transaction, with where its answer goes.
@@ -99,7 +99,7 @@ pub(crate) struct Batching {
 pub(crate) struct Writer {
     pub conn: Connection,
     pub path: PathBuf,
-    pub ca: CaId,
+    pub ca: CaKey,
     pub clock: Arc<dyn Clock>,
     pub batching: Batching,
 }
@@ -133,7 +133,7 @@ impl Writer {
     fn ctx(&self) -> Ctx<'_> {
         Ctx {
             path: &self.path,
-            ca: &self.ca,
+            ca: self.ca,
             now: super::timestamp(self.clock.now()),
         }
     }
